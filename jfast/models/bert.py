@@ -1,0 +1,238 @@
+"""A Flax Linen BERT encoder (post-LN, as the original and Hugging Face's) with a classification head.
+
+Parameter names follow Hugging Face's modules closely (``embeddings``, ``encoder/layer_i``, ``pooler``), so
+`jfast.models.hf_io` maps weights with a short table and no guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from jfast.models.attention import Attention, AttentionConfig
+from jfast.remat import remat_policy
+
+_ACTIVATIONS = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Sizes and switches of a BERT encoder. Field names match Hugging Face's ``config.json``.
+
+  Attributes:
+    dtype: compute dtype of matmuls (``float32``, ``bfloat16``, ``float16``); parameters, layer norms, softmax and
+      losses stay float32.
+    attention: which attention kernel runs (see `AttentionConfig`).
+    remat_policy: a key of `jfast.remat.REMAT_POLICIES`; ``none`` keeps every activation.
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  pad_token_id: int = 0
+  dtype: str = "float32"
+  attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+        f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+      )
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    remat_policy(self.remat_policy)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def compute_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+  def replace(self, **changes) -> BertConfig:
+    return dataclasses.replace(self, **changes)
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(
+    features,
+    dtype=config.compute_dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.initializers.normal(config.initializer_range),
+    name=name,
+  )
+
+
+def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
+  # Norm statistics in float32 even under bf16/fp16 compute: they overflow or lose precision otherwise.
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, token_type_ids_BxL, position_ids_BxL, *, deterministic: bool):
+    cfg = self.config
+    init = nn.initializers.normal(cfg.initializer_range)
+    words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word_embeddings")
+    positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position_embeddings")
+    types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="token_type_embeddings")
+    x_BxLxD = words(input_ids_BxL) + positions(position_ids_BxL) + types(token_type_ids_BxL)
+    x_BxLxD = _layer_norm(cfg, "LayerNorm")(x_BxLxD)
+    return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, segment_ids_BxL, deterministic: bool):
+    cfg = self.config
+    batch, length, _ = x_BxLxD.shape
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+
+    def project(name):
+      y_BxLxD = _dense(cfg, cfg.hidden_size, name)(x_BxLxD)
+      return checkpoint_name(y_BxLxD, f"{name}_proj").reshape(batch, length, heads, head_dim)
+
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = project("query"), project("key"), project("value")
+    attn_BxLxHxD = Attention(cfg.attention, dropout_rate=cfg.attention_probs_dropout_prob, name="attention")(
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, deterministic=deterministic
+    )
+    attn_BxLxD = _dense(cfg, cfg.hidden_size, "attention_output")(attn_BxLxHxD.reshape(batch, length, -1))
+    attn_BxLxD = checkpoint_name(attn_BxLxD, "attention_out")
+    attn_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
+    h_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
+
+    mlp_BxLxF = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(h_BxLxD))
+    mlp_BxLxF = checkpoint_name(mlp_BxLxF, "mlp_hidden")
+    out_BxLxD = _dense(cfg, cfg.hidden_size, "output")(mlp_BxLxF)
+    out_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
+    out_BxLxD = _layer_norm(cfg, "output_norm")(h_BxLxD + out_BxLxD)
+    return checkpoint_name(out_BxLxD, "layer_out")
+
+
+def _layer_class(config: BertConfig):
+  policy = remat_policy(config.remat_policy)
+  if config.remat_policy == "none":
+    return BertLayer
+  # deterministic is the last positional argument and must stay a Python bool under remat.
+  return nn.remat(BertLayer, policy=policy, static_argnums=(-1,))
+
+
+def _default_ids(input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, position_ids_BxL, segment_ids_BxL):
+  if segment_ids_BxL is None:
+    # A 0/1 attention mask is already a valid segment-id array: one segment per row, 0 for padding.
+    segment_ids_BxL = jnp.ones_like(input_ids_BxL) if attention_mask_BxL is None else attention_mask_BxL
+  if token_type_ids_BxL is None:
+    token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
+  if position_ids_BxL is None:
+    position_ids_BxL = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
+  return segment_ids_BxL.astype(jnp.int32), token_type_ids_BxL, position_ids_BxL
+
+
+class BertModel(nn.Module):
+  """BERT encoder with pooler.
+
+  ``model.apply({'params': params}, input_ids, attention_mask)`` returns ``(last_hidden_BxLxD, pooled)``.
+  Packed rows pass ``segment_ids`` and per-segment ``position_ids`` instead of ``attention_mask``, and
+  ``cls_positions[B, S]`` to pool one vector per packed example (``pooled`` is then ``[B, S, D]``).
+  """
+
+  config: BertConfig
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    *,
+    segment_ids=None,
+    cls_positions=None,
+    deterministic: bool = True,
+  ):
+    cfg = self.config
+    segment_ids_BxL, token_type_ids_BxL, position_ids_BxL = _default_ids(
+      input_ids, attention_mask, token_type_ids, position_ids, segment_ids
+    )
+    x_BxLxD = BertEmbeddings(cfg, name="embeddings")(
+      input_ids, token_type_ids_BxL, position_ids_BxL, deterministic=deterministic
+    )
+    layer_cls = _layer_class(cfg)
+    for i in range(cfg.num_hidden_layers):
+      x_BxLxD = layer_cls(cfg, name=f"encoder_layer_{i}")(x_BxLxD, segment_ids_BxL, deterministic)
+    if not self.add_pooling_layer:
+      return x_BxLxD, None
+    if cls_positions is None:
+      cls_BxD = x_BxLxD[:, 0]
+    else:
+      cls_BxD = jnp.take_along_axis(x_BxLxD, cls_positions[:, :, None].astype(jnp.int32), axis=1)
+    pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(cls_BxD)).astype(jnp.float32)
+    return x_BxLxD, pooled
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT with dropout and a linear classifier on the pooled [CLS] vector.
+
+  Returns float32 logits ``[B, num_labels]``, or ``[B, S, num_labels]`` when ``cls_positions[B, S]`` is given
+  (packed rows: one prediction per packed example).
+  """
+
+  config: BertConfig
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    *,
+    segment_ids=None,
+    cls_positions=None,
+    deterministic: bool = True,
+  ):
+    _, pooled = BertModel(self.config, name="bert")(
+      input_ids,
+      attention_mask,
+      token_type_ids,
+      position_ids,
+      segment_ids=segment_ids,
+      cls_positions=cls_positions,
+      deterministic=deterministic,
+    )
+    pooled = nn.Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
+    logits = _dense(self.config, self.num_labels, "classifier")(pooled)
+    return logits.astype(jnp.float32)
