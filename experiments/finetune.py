@@ -21,6 +21,7 @@ import jax
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, tokenize
 from jfast.loop import LoopConfig, fit
 from jfast.models import init_classifier, load_hf_bert, save_hf_bert
+from jfast.precision import get_policy
 from jfast.train import OptimizerConfig, make_optimizer
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sst2"
@@ -40,9 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", default=None, help="Hugging Face BERT folder (default: all-MiniLM-L6-v2)")
   p.add_argument("--train-split", default="train")
   p.add_argument("--eval-split", default="dev")
-  p.add_argument(
-    "--max-train-examples", type=int, default=40000, help="use the first N training examples (0: all)"
-  )
+  p.add_argument("--max-train-examples", type=int, default=40000, help="use the first N training examples (0: all)")
   p.add_argument("--strategy", default="packed", help="fixed | dynamic | bucket | grouped | token_budget | packed")
   p.add_argument("--batch-size", type=int, default=16, help="rows per batch (packed: rows of --row-length)")
   p.add_argument("--row-length", type=int, default=None, help="packed row length (default: dataset max)")
@@ -53,7 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--weight-decay", type=float, default=0.01)
   p.add_argument("--warmup-ratio", type=float, default=0.06)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  p.add_argument(
+    "--precision",
+    default="fp32",
+    help="fp32 | bf16 | fp16 | pure-bf16 | a policy string such as params=float32,compute=bfloat16,output=float32",
+  )
+  p.add_argument("--loss-scale", default=None, help="none | dynamic | static:<scale> (default: dynamic for fp16)")
+  # The old switch: its values are preset names too (bfloat16 = bf16 compute on float32 weights, as it always was).
+  p.add_argument("--dtype", dest="precision", help=argparse.SUPPRESS)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval-every", type=int, default=None)
   p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here")
@@ -66,10 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  policy = get_policy(args.precision)  # fails on a bad policy string before any loading
   t_start = time.perf_counter()
   model_path = args.model or default_model_path()
   config, encoder_params = load_hf_bert(model_path)
-  config = config.replace(dtype=args.dtype)
   tokenizer = load_tokenizer(model_path)
   pad_id = config.pad_token_id
 
@@ -109,6 +115,8 @@ def main(argv=None) -> dict:
     eval_batching=eval_batching,
     loop=loop,
     pad_id=pad_id,
+    policy=policy,
+    loss_scale=args.loss_scale,
   )
   wall = time.perf_counter() - t_start
   final = result.evals[-1]
@@ -117,6 +125,7 @@ def main(argv=None) -> dict:
     "data": args.data,
     "model": model_path,
     "strategy": args.strategy,
+    "precision": str(policy),
     "train_examples": len(train_ds),
     "dev_examples": len(dev_ds),
     "dev_accuracy": final["accuracy"],
@@ -128,6 +137,8 @@ def main(argv=None) -> dict:
     "train_compiles": result.stats["train_compiles"],
     "eval_compiles": result.stats["eval_compiles"],
     "steps": result.stats["final_step"],
+    "skipped_steps": result.stats["skipped_steps"],
+    "final_loss_scale": result.stats["final_loss_scale"],
     "truncated_examples": train_cut + dev_cut,
     "devices": [str(d) for d in jax.devices()],
     "threads": os.cpu_count(),

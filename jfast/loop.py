@@ -20,6 +20,8 @@ from jfast.checkpoint import Checkpointer
 from jfast.data.batch import Batch
 from jfast.data.batching import BatchingConfig, make_batches
 from jfast.data.padding import padding_efficiency
+from jfast.loss_scale import LossScale
+from jfast.precision import Policy, get_policy
 from jfast.train import (
   CompiledStep,
   TrainState,
@@ -44,6 +46,8 @@ class LoopConfig:
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: how many recent checkpoints to keep.
     progress: show a tqdm progress bar.
+    time_steps: wait for every step and record its wall time and shape in ``stats["step_times"]``, so compile time
+      (the first step of each shape) can be told apart from steady-state time; costs the host/device overlap.
   """
 
   epochs: int = 1
@@ -55,6 +59,7 @@ class LoopConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
   progress: bool = True
+  time_steps: bool = False
 
   def __post_init__(self):
     if self.epochs < 1:
@@ -100,6 +105,8 @@ def fit(
   eval_batching: BatchingConfig,
   loop: LoopConfig,
   pad_id: int,
+  policy: str | Policy | None = None,
+  loss_scale: str | LossScale | None = None,
 ) -> FitResult:
   """Fine-tunes a classifier and evaluates it; resumes from ``loop.checkpoint_dir`` when it holds a checkpoint.
 
@@ -113,6 +120,10 @@ def fit(
     eval_batching: how dev batches are cut (use ``shuffle=False``).
     loop: length, logging, evaluation and checkpoint cadence.
     pad_id: the tokenizer's padding id.
+    policy: a precision policy (`jfast.get_policy` spec: ``fp32``, ``bf16``, ``fp16``, ``pure-bf16`` or a
+      ``params=..,compute=..,output=..`` string). It sets the model config's compute dtype, the parameters' dtype and
+      the default loss scaling. None leaves the model and parameters as given.
+    loss_scale: loss scaling (``none``, ``dynamic``, ``static:<scale>`` or an object); None: the policy's default.
 
   Returns:
     A `FitResult`.
@@ -124,9 +135,12 @@ def fit(
   # max_steps stops the run early but leaves the schedule alone, so a stopped run and a full one agree step by step.
   total_steps = schedule_steps if loop.max_steps is None else min(schedule_steps, loop.max_steps)
   tx: optax.GradientTransformation = tx_factory(schedule_steps)
-  state = create_train_state(model, params, tx, seed=loop.seed)
+  if policy is not None:
+    policy = get_policy(policy)
+    model = model.clone(config=policy.configure(model.config))
+  state = create_train_state(model, params, tx, seed=loop.seed, policy=policy, loss_scale=loss_scale)
   loss_fn = classification_loss(model)
-  train_step, eval_step = make_train_step(loss_fn), make_eval_step(loss_fn)
+  train_step, eval_step = make_train_step(loss_fn, policy=policy), make_eval_step(loss_fn)
   dev_batches = []
   if dev is not None:
     dev_batches = make_batches(dev[0], dev[1], eval_batching, pad_id=pad_id, seed=0, epoch=0).batches
@@ -149,6 +163,7 @@ def fit(
     "epoch_seconds": [],
     "train_tokens": 0,
     "computed_tokens": 0,
+    "step_times": [],
   }
   bar = tqdm(total=total_steps, initial=step, disable=not loop.progress, desc="train", unit="step")
   pending: list[dict] = []
@@ -166,7 +181,11 @@ def fit(
     t0 = time.perf_counter()
     for i in range(skip, len(batches)):
       batch = batches[i]
+      t_step = time.perf_counter()
       state, metrics = train_step(state, batch)
+      if loop.time_steps:
+        jax.block_until_ready(metrics)
+        stats["step_times"].append((batch.shape, time.perf_counter() - t_step))
       pending.append(metrics)
       step += 1
       stats["train_tokens"] += batch.num_real_tokens
@@ -193,6 +212,7 @@ def fit(
   if dev_batches:
     evals.append({"step": step, **evaluate(eval_step, state.params, dev_batches)})
   stats.update(train_compiles=train_step.num_compiles, eval_compiles=eval_step.num_compiles, final_step=step)
+  stats.update(skipped_steps=sum(h["skipped"] for h in history), final_loss_scale=float(state.loss_scale.loss_scale))
   return FitResult(state=state, history=history, evals=evals, stats=stats)
 
 
@@ -205,4 +225,6 @@ def _summarise(pending: list[dict], step: int, epoch: int) -> dict[str, float]:
     "loss": sum(float(m["loss_sum"]) for m in fetched) / examples,
     "accuracy": sum(float(m["correct"]) for m in fetched) / examples,
     "grad_norm": float(np.mean([float(m["grad_norm"]) for m in fetched])),
+    "skipped": int(sum(float(m["skipped"]) for m in fetched)),
+    "loss_scale": float(fetched[-1]["loss_scale"]),
   }

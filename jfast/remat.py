@@ -12,21 +12,25 @@ import jax
 _cp = jax.checkpoint_policies
 
 # None means "no remat": the layer is not wrapped at all, so XLA keeps every activation.
-REMAT_POLICIES = {
+POLICIES = {
   "none": None,
   "full": _cp.nothing_saveable,
-  "save_dots": _cp.dots_with_no_batch_dims_saveable,
+  "dots": _cp.dots_saveable,
+  "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,
   "save_qkv": _cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
   "save_attention_out": _cp.save_only_these_names("attention_out"),
   "save_layer_out": _cp.save_only_these_names("layer_out"),
+  # Keeps the projection matmuls' outputs, but in pinned host memory instead of device memory.
+  "offload": _cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+REMAT_POLICIES = POLICIES  # the name the first releases exported
 
 
 def remat_policy(name: str):
   """Returns the `jax.checkpoint` policy for ``name`` (None for ``"none"``).
 
   Args:
-    name: a key of `REMAT_POLICIES`.
+    name: a key of `POLICIES`.
 
   Returns:
     A policy callable, or None when the layer should not be rematerialised.
@@ -35,6 +39,8 @@ def remat_policy(name: str):
     >>> remat_policy("save_qkv") is not None
     True
   """
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
-  return REMAT_POLICIES[name]
+  if name not in POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(POLICIES)}")
+  if name == "offload" and jax.default_backend() == "cpu":
+    raise ValueError("remat policy 'offload' moves activations to pinned host memory, which needs a GPU or TPU")
+  return POLICIES[name]

@@ -15,6 +15,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from jfast.models.attention import Attention, AttentionConfig
+from jfast.precision import mixed_dot_general
 from jfast.remat import remat_policy
 
 _ACTIVATIONS = {
@@ -31,8 +32,9 @@ class BertConfig:
   """Sizes and switches of a BERT encoder. Field names match Hugging Face's ``config.json``.
 
   Attributes:
-    dtype: compute dtype of matmuls (``float32``, ``bfloat16``, ``float16``); parameters, layer norms, softmax and
-      losses stay float32.
+    dtype: compute dtype of matmuls and activations (``float32``, ``bfloat16``, ``float16``); layer-norm
+      statistics, softmax and losses stay float32. Parameters are used in whatever dtype they are passed in
+      (`jfast.precision.Policy` decides: float32 master weights, or bf16 under ``pure-bf16``).
     attention: which attention kernel runs (see `AttentionConfig`).
     remat_policy: a key of `jfast.remat.REMAT_POLICIES`; ``none`` keeps every activation.
   """
@@ -81,18 +83,35 @@ class BertConfig:
 
 
 def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  half = config.compute_dtype != jnp.float32
   return nn.Dense(
     features,
     dtype=config.compute_dtype,
     param_dtype=jnp.float32,
     kernel_init=nn.initializers.normal(config.initializer_range),
+    # Half-precision matmuls accumulate in float32; written so, XLA:CPU runs them in bf16 instead of upcasting.
+    dot_general=mixed_dot_general if half else None,
     name=name,
   )
 
 
+# Under half-precision compute the norm is recomputed in the backward pass from its half-precision input: its
+# float32 intermediates (centred input, normalised output) are what autodiff would otherwise keep, 3 float32
+# copies of the residual stream per norm, which is most of the activation memory half precision is meant to save.
+_RematLayerNorm = nn.remat(nn.LayerNorm)
+
+
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-  # Norm statistics in float32 even under bf16/fp16 compute: they overflow or lose precision otherwise.
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+  # Statistics in float32 (force_float32_reductions) even under bf16/fp16 compute: they overflow or lose precision
+  # otherwise. The normalised output is in compute dtype, so the residual stream shrinks with the policy.
+  cls = nn.LayerNorm if config.compute_dtype == jnp.float32 else _RematLayerNorm
+  return cls(
+    epsilon=config.layer_norm_eps,
+    dtype=config.compute_dtype,
+    param_dtype=jnp.float32,
+    force_float32_reductions=True,
+    name=name,
+  )
 
 
 class BertEmbeddings(nn.Module):
@@ -105,7 +124,11 @@ class BertEmbeddings(nn.Module):
     words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word_embeddings")
     positions = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init, name="position_embeddings")
     types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, name="token_type_embeddings")
-    x_BxLxD = words(input_ids_BxL) + positions(position_ids_BxL) + types(token_type_ids_BxL)
+    # Summed in float32 whatever the table dtype (bf16 tables under pure-bf16): the norm that follows rounds once.
+    x_BxLxD = sum(
+      emb(ids).astype(jnp.float32)
+      for emb, ids in ((words, input_ids_BxL), (positions, position_ids_BxL), (types, token_type_ids_BxL))
+    )
     x_BxLxD = _layer_norm(cfg, "LayerNorm")(x_BxLxD)
     return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
 
@@ -144,8 +167,8 @@ def _layer_class(config: BertConfig):
   policy = remat_policy(config.remat_policy)
   if config.remat_policy == "none":
     return BertLayer
-  # deterministic is the last positional argument and must stay a Python bool under remat.
-  return nn.remat(BertLayer, policy=policy, static_argnums=(-1,))
+  # deterministic (argument 3, counting the module) must stay a Python bool under remat.
+  return nn.remat(BertLayer, policy=policy, static_argnums=(3,))
 
 
 def _default_ids(input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, position_ids_BxL, segment_ids_BxL):

@@ -1,0 +1,122 @@
+"""Memory and compute savers measured from the compiled train step: remat policies, accumulation, freezing.
+
+    python -m experiments.memory                      # CPU: memory/FLOPs for every cell, step times for MiniLM
+    python -m experiments.memory --time-all           # also time BERT-base (slow on a CPU; for a GPU run)
+
+Memory comes from the compiled step's `memory_analysis()` (temp = activations and workspace; arguments/outputs are
+the state and batch), FLOPs from `cost_analysis()`, step time as the median of timed steps after one warm-up.
+Writes ``memory.json``, ``memory.md`` and ``memory.png`` under ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfast.data import batch_from_rows
+from jfast.freezing import freeze, freeze_mask
+from jfast.models import BertConfig, BertForSequenceClassification
+from jfast.remat import POLICIES
+from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+
+MODELS = {
+  "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+  "bert-base": BertConfig(),
+}
+
+
+def _batch(rows: int, length: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  # Real-sized random token ids with a spread of lengths up to the full row, never constant inputs.
+  lengths = rng.integers(length // 2, length + 1, size=rows)
+  seqs = [rng.integers(1000, 29000, size=n).astype(np.int32) for n in lengths]
+  return batch_from_rows(seqs, rng.integers(0, 2, size=rows), length, pad_id=0)
+
+
+def measure(config: BertConfig, rows: int, length: int, *, micro_batches=1, frozen_layers=None, time_steps=0):
+  """Compiles one train step and returns its memory, FLOPs and (optionally) median step time."""
+  model = BertForSequenceClassification(config, num_labels=2)
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.PRNGKey(0))
+  tx = make_optimizer(OptimizerConfig(), total_steps=1000)
+  mask = None
+  if frozen_layers is not None:
+    mask = freeze_mask(params, bottom_layers=frozen_layers)
+    tx = freeze(tx, mask)
+  state = create_train_state(model, params, tx)
+  step = make_train_step(classification_loss(model), micro_batches=micro_batches, freeze_mask=mask)
+  batch = _batch(rows, length)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  out = {
+    "temp_bytes": int(mem.temp_size_in_bytes),
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
+    "flops": float(cost.get("flops", float("nan"))),
+    "compile_seconds": compile_s,
+  }
+  if time_steps:
+    times = []
+    for i in range(time_steps + 1):
+      t = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      if i:  # the first call warms caches and allocations
+        times.append(time.perf_counter() - t)
+    out["step_seconds"] = float(np.median(times))
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+  p.add_argument("--lengths", nargs="+", type=int, default=[128, 256, 512])
+  p.add_argument("--rows", type=int, default=8)
+  p.add_argument("--policies", nargs="+", default=None, help="remat policies (default: all this backend supports)")
+  p.add_argument("--timed-steps", type=int, default=3)
+  p.add_argument("--time-all", action="store_true", help="time every cell, not just MiniLM at the shortest length")
+  p.add_argument("--output", default="results/memory")
+  args = p.parse_args(argv)
+  policies = args.policies or [n for n in POLICIES if n != "offload" or jax.default_backend() != "cpu"]
+  rows = []
+
+  def record(kind, model, length, setting, **kw):
+    timed = args.time_all or (model == "minilm" and length == min(args.lengths))
+    config = MODELS[model].replace(remat_policy=setting) if kind == "remat" else MODELS[model]
+    res = measure(config, args.rows, length, time_steps=args.timed_steps if timed else 0, **kw)
+    row = {"kind": kind, "model": model, "length": length, "setting": setting, **res}
+    rows.append(row)
+    step = f"{row['step_seconds']:.3f}s" if "step_seconds" in row else "-"
+    print(
+      f"{kind:8s} {model:9s} L={length:4d} {setting!s:20s} temp {row['temp_bytes'] / 2**20:9.1f} MiB  "
+      f"GFLOPs {row['flops'] / 1e9:8.1f}  step {step}",
+      flush=True,
+    )
+
+  for model in args.models:
+    for length in args.lengths:
+      for policy in policies:
+        record("remat", model, length, policy)
+    length = min(args.lengths)
+    for k in (1, 2, 4, 8):
+      record("accum", model, length, k, micro_batches=k)
+    layers = MODELS[model].num_hidden_layers
+    for n in sorted({0, layers // 2, layers}):
+      record("freeze", model, length, n, frozen_layers=n)
+  out = Path(args.output)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "memory.json").write_text(json.dumps({"device": jax.devices()[0].device_kind, "rows": rows}, indent=2))
+  return rows
+
+
+if __name__ == "__main__":
+  main()

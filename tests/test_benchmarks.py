@@ -1,0 +1,107 @@
+"""The side-by-side benchmark: a smoke run of both sides, and the pieces the table's figures rest on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import common, data, report
+from benchmarks.configs import CONFIGS, DEFAULT_CONFIGS, RunSpec, specs_for
+
+RESULT_FIELDS = (
+  "real_tokens_per_s",
+  "median_step_s",
+  "compile_s",
+  "warmup_s",
+  "peak_rss_mb",
+  "padding_efficiency",
+  "timed_tokens",
+  "step_times",
+  "step_tokens",
+  "model_tflops_per_s",
+  "cpu_share",
+  "step_cpu_s",
+)
+
+
+def test_compare_runs_both_sides_on_the_same_tokens(tmp_path, minilm_path, data_dir):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from benchmarks import compare
+
+  argv = ["--task", "sst2", "--model", "tiny", "--steps", "2", "--warmup", "1", "--configs", "dynamic"]
+  argv += ["--max-train-examples", "256", "--data-dir", str(data_dir), "--out", str(tmp_path), "--name", "smoke"]
+  summary = compare.main(argv)
+
+  for suffix in ("json", "md", "png"):
+    assert (tmp_path / f"smoke.{suffix}").stat().st_size > 0
+  assert json.loads((tmp_path / "smoke.json").read_text())["rows"][0]["config"] == "dynamic"
+  sides = summary["results"]["dynamic"]
+  for side in ("jax", "torch"):
+    result = sides[side]
+    assert "error" not in result, result.get("error")
+    assert all(field in result for field in RESULT_FIELDS), sorted(set(RESULT_FIELDS) - set(result))
+    assert result["steps"] == 3 and result["timed_steps"] == 2
+    assert result["real_tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
+  # The same batches on both sides: the same real tokens and examples in every step, and the same padding.
+  assert sides["jax"]["step_tokens"] == sides["torch"]["step_tokens"]
+  assert sides["jax"]["step_examples"] == sides["torch"]["step_examples"]
+  assert sides["jax"]["step_computed_tokens"] == sides["torch"]["step_computed_tokens"]
+  assert summary["rows"][0]["speedup"] > 0
+
+
+def test_every_config_builds_valid_specs_and_one_batching_per_row():
+  base = {"task": "sst2", "model": "tiny", "steps": 2}
+  for config in CONFIGS.values():
+    specs = specs_for(config, base)
+    assert specs and all(isinstance(s, RunSpec) for s in specs.values())
+    shared = {repr(s.batching_kwargs()) for s in specs.values() if s.sampler == "shared"}
+    assert len(shared) <= 1, config.name
+  assert set(DEFAULT_CONFIGS) <= set(CONFIGS)
+
+
+def test_examples_and_plans_round_trip(tmp_path):
+  train = data.Examples([np.array([101, 5, 102]), np.array([101, 102]), np.array([101, 7, 8, 9, 102])], np.arange(3))
+  plan = data.Plan([np.array([[2], [0]]), np.array([[1], [-1]])], [5, 2])
+  data.save(tmp_path / "d.npz", train, None, {"x": plan}, None)
+  train2, dev2, plans, dev_plan = data.load(tmp_path / "d.npz")
+  assert dev2 is None and dev_plan is None
+  assert all(np.array_equal(a, b) for a, b in zip(train.ids, train2.ids, strict=True))
+  assert [s.tolist() for s in plans["x"].slots] == [s.tolist() for s in plan.slots]
+  assert plans["x"].lengths == [5, 2] and plans["x"].real_tokens(train.lengths) == [8, 2]
+
+
+def test_flop_count_matches_a_hand_count():
+  # One layer, hidden 2, intermediate 4, 2 labels: per layer 4*(4+2) + 2*2*4 + 4 + 2 + 8 = 54; pooler 6; head 6.
+  assert common.non_embedding_params(2, 1, 4, 2) == 66
+  assert common.train_flops([3, 1], hidden=2, layers=1, intermediate=4, num_labels=2) == 6 * 66 * 4 + 12 * 2 * 10
+
+
+def test_step_summary_leaves_out_warmup_and_compile_steps():
+  steps = {
+    "step_times": [9.0, 1.0, 5.0, 2.0, 4.0],
+    "step_tokens": [10, 10, 10, 30, 10],
+    "step_flops": [1.0] * 5,
+    "step_cpu_s": [18.0, 2.0, 10.0, 4.0, 4.0],  # the last step got half its 2 threads: a neighbour took a core
+    "step_compiled": [False, False, True, False, False],
+  }
+  s = common.summarize_steps(steps, warmup=1, threads=2, min_share=0.9)
+  assert s["median_step_s"] == 1.5 and s["real_tokens_per_s"] == 40 / 3 and s["warmup_s"] == 9.0
+  assert (s["timed_steps"], s["contended_steps"], s["cpu_share"]) == (2, 1, 1.0)
+  assert common.summarize_steps(steps, warmup=1, threads=2)["timed_steps"] == 3
+
+
+def test_best_vs_best_compares_each_sides_fastest_epoch():
+  def fig(epoch_s):
+    return {"est_epoch_s": epoch_s}
+
+  rows = [
+    {"config": "a", "jax": fig(100.0), "torch": fig(300.0)},
+    {"config": "b", "jax": fig(80.0)},
+    {"config": "c", "torch": fig(200.0)},
+  ]
+  verdict = report.best_vs_best(rows)
+  assert (verdict["jax_config"], verdict["torch_config"], verdict["speedup"]) == ("b", "c", 2.5)
+  assert verdict["meets_target"]
