@@ -115,7 +115,58 @@ def main(argv=None):
   out = Path(args.output)
   out.mkdir(parents=True, exist_ok=True)
   (out / "memory.json").write_text(json.dumps({"device": jax.devices()[0].device_kind, "rows": rows}, indent=2))
+  (out / "memory.md").write_text(markdown(rows))
+  _plot(rows, out / "memory.png")
+  print(markdown(rows))
   return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  """One table; ratios are against the same model and length with no remat / k=1 / nothing frozen."""
+  lines = [
+    "| kind | model | length | setting | temp MiB | x baseline | GFLOPs | x baseline | step s | x baseline |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  base_setting = {"remat": "none", "accum": 1, "freeze": 0}
+  for r in rows:
+    base = next(
+      b
+      for b in rows
+      if (b["kind"], b["model"], b["length"], b["setting"])
+      == (r["kind"], r["model"], r["length"], base_setting[r["kind"]])
+    )
+    step = f"{r['step_seconds']:.3f}" if "step_seconds" in r else "-"
+    step_x = (
+      f"{r['step_seconds'] / base['step_seconds']:.2f}" if "step_seconds" in r and "step_seconds" in base else "-"
+    )
+    lines.append(
+      f"| {r['kind']} | {r['model']} | {r['length']} | {r['setting']} | {r['temp_bytes'] / 2**20:.1f} | "
+      f"{r['temp_bytes'] / max(base['temp_bytes'], 1):.2f} | {r['flops'] / 1e9:.1f} | "
+      f"{r['flops'] / max(base['flops'], 1):.2f} | {step} | {step_x} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  remat = [r for r in rows if r["kind"] == "remat"]
+  models = sorted({r["model"] for r in remat})
+  fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4), squeeze=False)
+  for ax, model in zip(axes[0], models, strict=True):
+    for length in sorted({r["length"] for r in remat}):
+      sub = [r for r in remat if r["model"] == model and r["length"] == length]
+      ax.plot([r["setting"] for r in sub], [r["temp_bytes"] / 2**20 for r in sub], marker="o", label=f"L={length}")
+    ax.set_title(f"{model}: compiled temp memory by remat policy")
+    ax.set_ylabel("MiB")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def split_micro_batches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape((k, rows // k, *x.shape[1:])), batch)
 
 
-def accumulate_gradients(loss_fn, params, batch: Batch, rng, k: int, *, normalize_by: str = "examples"):
+def accumulate_gradients(loss_fn, params, batch: Batch, rng, k: int, *, normalize_by: str = "examples", scale_fn=None):
   """Gradient of the whole batch's loss, computed k micro-batches at a time.
 
   Args:
@@ -44,6 +44,8 @@ def accumulate_gradients(loss_fn, params, batch: Batch, rng, k: int, *, normaliz
     rng: dropout key; folded with the micro-batch index.
     k: micro-batches.
     normalize_by: ``examples`` (classification) or ``tokens`` (language modelling).
+    scale_fn: applied to each micro-batch's loss before differentiation (a loss scale's ``scale``); the returned
+      gradient is then scaled likewise.
 
   Returns:
     ``(loss, aux, grads)``: the whole batch's mean loss, ``aux`` summed over micro-batches, and its gradient.
@@ -56,7 +58,8 @@ def accumulate_gradients(loss_fn, params, batch: Batch, rng, k: int, *, normaliz
 
   def micro_loss(p, mb, key):
     _, aux = loss_fn(p, mb, key, False)
-    return aux["loss_sum"] / total, aux
+    loss = aux["loss_sum"] / total
+    return (loss if scale_fn is None else scale_fn(loss)), aux
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 

@@ -20,6 +20,8 @@ from flax import linen as nn
 from flax import struct
 from flax.training import train_state
 
+from jfast import freezing
+from jfast.accumulation import accumulate_gradients
 from jfast.data.batch import Batch
 from jfast.loss_scale import LossScale, NoOpLossScale, all_finite, resolve_loss_scale
 from jfast.precision import Policy, get_policy
@@ -228,21 +230,56 @@ def _check_policy(state: TrainState, policy: Policy) -> None:
     )
 
 
-def _train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn, policy: Policy | None = None):
+def _train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  loss_fn: LossFn,
+  policy: Policy | None = None,
+  micro_batches: int = 1,
+  freeze_mask=None,
+  normalize_by: str = "examples",
+):
   if policy is not None:
     _check_policy(state, policy)
   ls = state.loss_scale
+  # Differentiate the trainable partition only: XLA then never builds the frozen weights' gradients, nor any
+  # backward below the lowest trainable layer.
+  if freeze_mask is None:
+    trainable, frozen = state.params, None
+  else:
+    trainable, frozen = freezing.split(state.params, freeze_mask)
 
   def scaled_loss_fn(params, batch, rng, deterministic):
+    if freeze_mask is not None:
+      params = freezing.merge(params, frozen, freeze_mask)
     loss, aux = loss_fn(params, batch, rng, deterministic)
     if policy is not None:
       loss = policy.cast_to_output(loss)
     return ls.scale(loss), (loss, aux)
 
-  (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss_fn, has_aux=True)(
-    state.params, batch, state.dropout_key(), False
-  )
+  if micro_batches == 1:
+    (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss_fn, has_aux=True)(
+      trainable, batch, state.dropout_key(), False
+    )
+  else:
+
+    def merged_loss_fn(params, batch, rng, deterministic):
+      return scaled_loss_fn(params, batch, rng, deterministic)[1]
+
+    loss, aux, grads = accumulate_gradients(
+      merged_loss_fn,
+      trainable,
+      batch,
+      state.dropout_key(),
+      micro_batches,
+      normalize_by=normalize_by,
+      scale_fn=ls.scale,
+    )
   grads = ls.unscale(grads)
+  if freeze_mask is not None:
+    # The optimizer (wrapped by `freezing.freeze`) routes these zeros to set_to_zero; XLA removes them.
+    grads = freezing.merge(grads, jax.tree.map(jnp.zeros_like, frozen), freeze_mask)
   if isinstance(ls, NoOpLossScale):
     new_state = state.apply_gradients(grads=grads)
     skipped = jnp.zeros((), jnp.float32)
@@ -281,6 +318,9 @@ def make_train_step(
   loss_fn: LossFn,
   *,
   policy: str | Policy | None = None,
+  micro_batches: int = 1,
+  freeze_mask=None,
+  normalize_by: str = "examples",
   state_sharding=None,
   batch_sharding=None,
   donate: bool = True,
@@ -297,6 +337,12 @@ def make_train_step(
     policy: a precision policy (`jfast.get_policy` spec). The loss is cast to its output dtype, and the first call
       checks that the state's parameters are in its param dtype (fails) and that a float16 policy has loss scaling
       (warns). The compute dtype is the model's (``policy.configure(config)``). None: no checks.
+    micro_batches: accumulate gradients over this many consecutive row blocks of each batch inside the step (a
+      `lax.scan`; activation memory of one block), normalising by the whole batch's real count (`normalize_by`),
+      so the update equals the full batch's. The batch's rows must divide by it.
+    freeze_mask: from `jfast.freezing.freeze_mask` (True = frozen): gradients are taken for the trainable
+      partition only. Build the optimizer with `jfast.freezing.freeze(tx, mask)` so frozen leaves keep no state.
+    normalize_by: ``examples`` or ``tokens``: what the accumulated loss is averaged over.
     state_sharding: sharding (or pytree of shardings) of the `TrainState`; None lets JAX place it.
     batch_sharding: sharding of the `Batch`; None lets JAX place it.
     donate: donate the input state's buffers, so the update happens in place and peak memory holds one state.
@@ -312,7 +358,17 @@ def make_train_step(
   if state_sharding is not None or batch_sharding is not None:
     jit_kwargs.update(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
   policy = None if policy is None else get_policy(policy)
-  return CompiledStep(functools.partial(_train_step, loss_fn=loss_fn, policy=policy), **jit_kwargs)
+  if not isinstance(micro_batches, int) or micro_batches < 1:
+    raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+  step = functools.partial(
+    _train_step,
+    loss_fn=loss_fn,
+    policy=policy,
+    micro_batches=micro_batches,
+    freeze_mask=freeze_mask,
+    normalize_by=normalize_by,
+  )
+  return CompiledStep(step, **jit_kwargs)
 
 
 def make_eval_step(loss_fn: LossFn, *, param_sharding=None, batch_sharding=None) -> CompiledStep:

@@ -91,6 +91,8 @@ def test_step_summary_leaves_out_warmup_and_compile_steps():
   assert s["median_step_s"] == 1.5 and s["real_tokens_per_s"] == 40 / 3 and s["warmup_s"] == 9.0
   assert (s["timed_steps"], s["contended_steps"], s["cpu_share"]) == (2, 1, 1.0)
   assert common.summarize_steps(steps, warmup=1, threads=2)["timed_steps"] == 3
+  everything_contended = common.summarize_steps(steps, warmup=1, threads=2, min_share=1.5)
+  assert everything_contended["timed_steps"] == 3 and everything_contended["clean_fraction"] == 0.0
 
 
 def test_best_vs_best_compares_each_sides_fastest_epoch():

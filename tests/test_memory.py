@@ -137,3 +137,42 @@ def test_frozen_parameters_keep_no_state_and_do_not_move(real_batch):
     assert np.array_equal(np.asarray(p0), np.asarray(p1)) == m
   trainable_tree, frozen_tree = split(params, mask)
   assert jax.tree.leaves(merge(trainable_tree, frozen_tree, mask)) == jax.tree.leaves(params)
+
+
+def _state_and_step(model, params, tx, **step_kwargs):
+  from jfast.train import create_train_state, make_train_step
+
+  return create_train_state(model, params, tx), make_train_step(classification_loss(model), **step_kwargs)
+
+
+def test_step_with_micro_batches_equals_one_big_step(real_batch):
+  model = BertForSequenceClassification(SMALL, num_labels=2)
+  params = _params(model, real_batch)
+  state, step = _state_and_step(model, params, optax.sgd(0.3))
+  want, want_metrics = step(state, real_batch)
+  state, step4 = _state_and_step(model, params, optax.sgd(0.3), micro_batches=4)
+  got, got_metrics = step4(state, real_batch)
+  _assert_trees_close(got.params, want.params, atol=1e-6)
+  np.testing.assert_allclose(float(got_metrics["loss"]), float(want_metrics["loss"]), atol=1e-6)
+  assert float(got_metrics["examples"]) == float(want_metrics["examples"]) == 12
+  state, step3 = _state_and_step(model, params, optax.sgd(0.3), micro_batches=3)
+  with pytest.raises(ValueError, match="16 rows does not divide into 3 micro-batches"):
+    step3(state, real_batch)
+
+
+def test_frozen_step_keeps_frozen_weights_and_drops_their_backward(real_batch):
+  model = BertForSequenceClassification(SMALL, num_labels=2)
+  params = _params(model, real_batch)
+  mask = freeze_mask(params, bottom_layers=2)
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  state, step = _state_and_step(model, params, freeze(tx, mask), freeze_mask=mask)
+  full_state, full_step = _state_and_step(model, params, tx)
+  flops = lambda s, st: s.lower(st, real_batch).compile().cost_analysis()["flops"]  # noqa: E731
+  frozen_flops, full_flops = flops(step, state), flops(full_step, full_state)
+  # Embeddings + 2 of 3 layers frozen: no weight gradients there and no backward below layer 2.
+  assert frozen_flops < 0.75 * full_flops, (frozen_flops, full_flops)
+  for _ in range(2):
+    state, _ = step(state, real_batch)
+  new = jax.device_get(state.params)
+  for p0, p1, m in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(mask), strict=True):
+    assert np.array_equal(np.asarray(p0), p1) == m

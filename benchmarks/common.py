@@ -1,0 +1,112 @@
+"""Pieces both runners share: thread pinning, memory readings, step-time summaries and the FLOP count.
+
+Nothing here imports JAX or PyTorch, so each child process loads only its own framework.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+
+
+def pin_threads(threads: int) -> None:
+  """Restricts this process to ``threads`` CPUs and tells the thread pools the same, before any framework loads.
+
+  The affinity mask binds both frameworks equally whatever their pools think the core count is; the environment
+  variables size OpenMP/MKL pools (PyTorch also gets ``torch.set_num_threads``).
+  """
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads < len(cpus):
+    os.sched_setaffinity(0, cpus[:threads])
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[var] = str(threads)
+
+
+def rss_mb() -> float:
+  """Resident memory of this process now, in MiB."""
+  with open("/proc/self/statm") as f:
+    pages = int(f.read().split()[1])
+  return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+  """The high-water mark of this process's resident memory, in MiB (Linux reports KiB, macOS bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def cpu_seconds() -> float:
+  """User + system CPU time of this process so far."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def summarize_steps(
+  steps: Mapping[str, Sequence], warmup: int, threads: int, *, min_share: float = 0.0
+) -> dict[str, float]:
+  """Step statistics over the timed steps: after ``warmup``, without compilations and contended steps.
+
+  Args:
+    steps: per-step lists ``step_times`` (seconds; jfast's compile time already taken out), ``step_tokens`` (real
+      tokens), ``step_flops`` (`train_flops`), ``step_cpu_s`` (CPU seconds the process used) and optionally
+      ``step_compiled`` (True where the step paid for a compilation, e.g. under ``torch.compile``).
+    warmup: leading steps left out of every statistic.
+    threads: the threads the process ran on.
+    min_share: leave out steps whose CPU share (CPU seconds over wall seconds times threads) is below this. Both
+      frameworks keep their threads busy through a compute-bound step, so a share well under 1 means another
+      process took a core during that step and its time measures the neighbour. If no step is left, the
+      statistics fall back to every candidate step (``contended_steps`` still counts them all).
+
+  Returns:
+    ``median_step_s``, ``mean_step_s``, ``real_tokens_per_s`` (timed tokens over timed seconds, so long and short
+    batches weigh by their cost), ``model_tflops_per_s`` (the same for FLOPs), ``cpu_share`` (over the timed steps),
+    ``timed_steps``, ``contended_steps`` (under ``min_share``), ``clean_fraction`` (of the steps after warm-up and
+    compilation, those at or above ``min_share``), ``timed_tokens``, ``warmup_s``.
+  """
+  times, tokens, flops, cpu = (list(steps[k]) for k in ("step_times", "step_tokens", "step_flops", "step_cpu_s"))
+  compiled = list(steps.get("step_compiled") or [False] * len(times))
+  share = [c / max(t * threads, 1e-9) for c, t in zip(cpu, times, strict=True)]
+  candidates = [i for i in range(warmup, len(times)) if not compiled[i]] or list(range(warmup, len(times)))
+  if not candidates:
+    raise ValueError(f"no timed steps: {len(times)} steps, {warmup} of them warm-up")
+  clean = [i for i in candidates if share[i] >= min_share]
+  timed = clean or candidates
+  seconds = sum(times[i] for i in timed)
+  return {
+    "median_step_s": statistics.median(times[i] for i in timed),
+    "mean_step_s": seconds / len(timed),
+    "real_tokens_per_s": sum(tokens[i] for i in timed) / seconds,
+    "model_tflops_per_s": sum(flops[i] for i in timed) / seconds / 1e12,
+    "cpu_share": sum(cpu[i] for i in timed) / (seconds * threads),
+    "timed_steps": len(timed),
+    "contended_steps": len(candidates) - len(clean),
+    "clean_fraction": len(clean) / len(candidates),
+    "timed_tokens": sum(tokens[i] for i in timed),
+    "warmup_s": sum(times[:warmup]),
+  }
+
+
+def non_embedding_params(hidden: int, layers: int, intermediate: int, num_labels: int) -> int:
+  """Parameters that cost FLOPs per token: encoder layers, pooler and classifier (embeddings are lookups)."""
+  per_layer = 4 * (hidden * hidden + hidden) + 2 * hidden * intermediate + intermediate + hidden + 4 * hidden
+  return layers * per_layer + hidden * hidden + hidden + hidden * num_labels + num_labels
+
+
+def train_flops(
+  example_lengths: Sequence[int], *, hidden: int, layers: int, intermediate: int, num_labels: int
+) -> float:
+  """Model FLOPs of one training step (forward + backward) over the real tokens of the given examples.
+
+  ``6 * N * T + 12 * layers * hidden * sum(len_i ** 2)``: N non-embedding parameters, T real tokens; each weight
+  costs 2 FLOPs per token forward and 4 backward, and attention's two ``L x L`` products (``QK^T`` and ``PV``)
+  cost ``4 * L^2 * hidden`` per layer forward, times 3 with the backward. Padding and recomputation (remat) are not
+  counted: this is useful work, so MFU is comparable across padding strategies.
+  """
+  tokens = sum(example_lengths)
+  attention = sum(n * n for n in example_lengths)
+  return 6.0 * non_embedding_params(hidden, layers, intermediate, num_labels) * tokens + 12.0 * layers * hidden * (
+    attention
+  )
