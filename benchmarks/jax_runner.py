@@ -3,10 +3,10 @@
     python -m benchmarks.jax_runner --spec spec.json --data data.npz --out result.json
 
 Batches come from `jfast.data.make_batches` (checked against the shared plan), the model from
-`jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.train.make_train_step`. Each new batch shape
-is compiled ahead of time with ``step.lower(...).compile()`` and timed apart, so step times are execution only and
-compile time is its own column. Techniques jfast does not have yet are built here from optax and named as such:
-freezing (``stop_gradient`` in the loss plus ``optax.multi_transform``) and accumulation (``optax.MultiSteps``).
+`jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.train.make_train_step` with the library's
+precision policy, in-step gradient accumulation (``micro_batches``) and freezing (`jfast.freezing`). Each new batch
+shape is compiled ahead of time with ``step.lower(...).compile()`` and timed apart, so step times are execution
+only and compile time is its own column.
 """
 
 from __future__ import annotations
@@ -42,46 +42,25 @@ def build_model(spec: RunSpec, num_labels: int):
   return model, params
 
 
-def _frozen(path, freeze_layers: int) -> bool:
-  keys = [getattr(k, "key", str(k)) for k in path]
-  frozen_modules = {"embeddings"} | {f"encoder_layer_{i}" for i in range(freeze_layers)}
-  return len(keys) > 1 and keys[0] == "bert" and keys[1] in frozen_modules
+# jfast's precision policy for each compute dtype: fp32 params throughout; fp16 brings dynamic loss scaling.
+_POLICIES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def build_step(spec: RunSpec, model, params, epoch_steps: int):
-  """The train state and jitted step, with the workarounds for techniques jfast does not have yet."""
-  import jax
-  import optax
-
+  """The train state and jitted step: precision policy, in-step accumulation and freezing from the library."""
+  from jfast.freezing import freeze, freeze_mask
   from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
 
+  policy = _POLICIES[spec.dtype]
   tx = make_optimizer(OptimizerConfig(learning_rate=spec.lr), total_steps=epoch_steps)
-  loss_fn = classification_loss(model)
+  mask = None
   if spec.freeze_layers >= 0:
-    labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: "frozen" if _frozen(path, spec.freeze_layers) else "train", params
-    )
-    # set_to_zero keeps frozen weights still (AdamW's decay would move them) and holds no optimizer state for them.
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-    base_loss = loss_fn
-
-    def loss_fn(params, batch, rng, deterministic):
-      # The step differentiates every parameter (its grad_norm metric reads them all), so without stop_gradient
-      # XLA would still compute the frozen layers' weight gradients; with it their backward is never built.
-      params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p, params, labels)
-      return base_loss(params, batch, rng, deterministic)
-
-  if spec.accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=spec.accum).gradient_transformation()
-  state = create_train_state(model, params, tx, seed=spec.seed)
-  return state, make_train_step(loss_fn)
-
-
-def split_rows(batch, parts: int) -> list:
-  if parts == 1:
-    return [batch]
-  rows = batch.shape[0] // parts
-  return [type(batch)(*(a[k * rows : (k + 1) * rows] for a in batch)) for k in range(parts)]
+    # The same modules as the PyTorch side: the embeddings and the bottom freeze_layers encoder layers.
+    mask = freeze_mask(params, bottom_layers=spec.freeze_layers)
+    tx = freeze(tx, mask)
+  state = create_train_state(model, params, tx, seed=spec.seed, policy=policy)
+  step = make_train_step(classification_loss(model), policy=policy, micro_batches=spec.accum, freeze_mask=mask)
+  return state, step
 
 
 def check_plan(epoch, plan: data.Plan | None, what: str) -> None:
@@ -126,18 +105,15 @@ def run(spec: RunSpec, train: data.Examples, dev: data.Examples | None, plan, de
   step_cpu, load0 = [], os.getloadavg()[0]
   t_epoch = time.perf_counter()
   for batch, slots in zip(batches, epoch.example_index, strict=False):
-    micros = split_rows(batch, spec.accum)
-    for mb in micros:
-      key = tuple(a.shape for a in mb)
-      if key not in compiled:
-        t0 = time.perf_counter()
-        compiled[key] = step.lower(state, mb).compile()
-        compile_s += time.perf_counter() - t0
+    key = tuple(a.shape for a in batch)
+    if key not in compiled:
+      t0 = time.perf_counter()
+      compiled[key] = step.lower(state, batch).compile()
+      compile_s += time.perf_counter() - t0
     t0, c0 = time.perf_counter(), common.cpu_seconds()
-    for mb in micros:
-      state, m = compiled[tuple(a.shape for a in mb)](state, mb)
-      metrics.append(m)
-    jax.block_until_ready((state, metrics[-1]))
+    state, m = compiled[key](state, batch)
+    metrics.append(m)
+    jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
     step_cpu.append(common.cpu_seconds() - c0)
     tokens.append(batch.num_real_tokens)

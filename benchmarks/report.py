@@ -1,4 +1,7 @@
-"""Turns the two sides' results into the side-by-side table, the best-vs-best verdict, markdown and a bar chart."""
+"""Turns the two sides' results into the side-by-side table, the best-vs-best verdict, markdown and a bar chart.
+
+python -m benchmarks.report results/benchmarks/NAME.json     # re-render NAME.md and NAME.png from the JSON
+"""
 
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def build_rows(
   """One row per configuration with both sides' figures (None where a side has no form of it)."""
   rows = []
   for name, sides in results.items():
-    row: dict[str, Any] = {"config": name, "technique": meta["techniques"][name]}
+    row: dict[str, Any] = {"config": name, "technique": meta["techniques"][name], "in_best": meta["in_best"][name]}
     for side in ("jax", "torch"):
       r = sides.get(side)
       if r is None:
@@ -89,10 +92,17 @@ def build_rows(
 
 
 def best_vs_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-  """Each side's fastest configuration by (estimated or measured) epoch time, and jfast's speedup over PyTorch's."""
+  """Each side's fastest configuration by (estimated or measured) epoch time, and jfast's speedup over PyTorch's.
+
+  Rows marked ``in_best=False`` (they train a different model, e.g. with frozen layers) do not compete.
+  """
   best = {}
   for side in ("jax", "torch"):
-    candidates = [(r[side]["est_epoch_s"], r["config"]) for r in rows if side in r and "error" not in r[side]]
+    candidates = [
+      (r[side]["est_epoch_s"], r["config"])
+      for r in rows
+      if side in r and "error" not in r[side] and r.get("in_best", True)
+    ]
     candidates = [c for c in candidates if c[0] is not None]
     if candidates:
       best[side] = min(candidates)
@@ -157,6 +167,8 @@ def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, A
     cells.append(_f(row.get("speedup"), ".2f") + ("x" if row.get("speedup") else ""))
     lines.append("| " + " | ".join(cells) + " |")
   length = "one full epoch" if full else f"{meta['warmup']} warm-up + {meta['steps']} timed steps"
+  if meta.get("max_train_examples"):
+    length += f" (over the first {meta['max_train_examples']:,} training examples)"
   out = [
     f"Task {meta['task']}, model {meta['model']}, device {meta['device']}, {meta['threads']} threads per side, "
     f"{length} per run, "
@@ -165,7 +177,15 @@ def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, A
     *lines,
     "",
   ]
-  if verdict:
+  if gpu:
+    parts = []
+    for side, name in (("jax", "jfast"), ("torch", "PyTorch")):
+      best = max(((r[side]["mfu"], r["config"]) for r in rows if r.get(side) and r[side].get("mfu")), default=None)
+      if best:
+        parts.append(f"{name} {best[0]:.1%} (`{best[1]}`)")
+    out.append(f"Best MFU: {', '.join(parts)}; target: jfast at least 50% and above PyTorch's.")
+    out.append("")
+  if verdict and meta["task"] != "synthetic":
     out.append(
       f"Best vs best: jfast `{verdict['jax_config']}` {verdict['jax_epoch_s']:,.0f} s vs PyTorch "
       f"`{verdict['torch_config']}` {verdict['torch_epoch_s']:,.0f} s per {'measured' if full else 'estimated'} "
@@ -176,7 +196,7 @@ def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, A
   if meta.get("min_cpu_share"):
     left = [
       f"{r['config']}/{'jfast' if side == 'jax' else 'PyTorch'} {r[side]['contended_steps']}"
-      + (" (all: kept, figures inflated)" if r[side]["clean_fraction"] == 0 else "")
+      + (" (all of them, so kept as measured)" if r[side]["clean_fraction"] == 0 else "")
       for r in rows
       for side in ("jax", "torch")
       if r.get(side) and "error" not in r[side] and r[side].get("contended_steps")
@@ -212,3 +232,29 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def rerender(path: Path) -> str:
+  """Rebuilds ``{name}.md`` and ``{name}.png`` from a saved ``{name}.json`` (e.g. after a change to the table)."""
+  import json
+
+  from benchmarks.configs import CONFIGS
+
+  summary = json.loads(Path(path).read_text())
+  meta = summary["meta"]
+  meta.setdefault("in_best", {c: CONFIGS[c].in_best if c in CONFIGS else True for c in summary["results"]})
+  rows = build_rows(summary["results"], meta, meta.get("peak_tflops"))
+  verdict = best_vs_best(rows)
+  md = markdown(rows, verdict, meta)
+  summary.update(rows=rows, best_vs_best=verdict)
+  Path(path).write_text(json.dumps(summary, indent=1))
+  Path(path).with_suffix(".md").write_text(f"`{meta['command']}`\n\n{md}")
+  chart(rows, Path(path).with_suffix(".png"), f"jfast vs PyTorch: {meta['task']}, {meta['model']}, {meta['device']}")
+  return md
+
+
+if __name__ == "__main__":
+  import sys
+
+  for arg in sys.argv[1:]:
+    print(rerender(Path(arg)))

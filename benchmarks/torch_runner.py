@@ -54,6 +54,8 @@ def build_model(spec: RunSpec, num_labels: int):
     # Non-reentrant is what transformers recommends and what torch.compile can trace.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
   if spec.freeze_layers >= 0:
+    if spec.freeze_layers > len(model.bert.encoder.layer):
+      raise ValueError(f"freeze_layers={spec.freeze_layers}, but the model has {len(model.bert.encoder.layer)} layers")
     frozen = [model.bert.embeddings, *model.bert.encoder.layer[: spec.freeze_layers]]
     for module in frozen:
       for p in module.parameters():

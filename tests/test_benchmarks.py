@@ -103,6 +103,7 @@ def test_best_vs_best_compares_each_sides_fastest_epoch():
     {"config": "a", "jax": fig(100.0), "torch": fig(300.0)},
     {"config": "b", "jax": fig(80.0)},
     {"config": "c", "torch": fig(200.0)},
+    {"config": "frozen", "jax": fig(1.0), "torch": fig(1.0), "in_best": False},
   ]
   verdict = report.best_vs_best(rows)
   assert (verdict["jax_config"], verdict["torch_config"], verdict["speedup"]) == ("b", "c", 2.5)
