@@ -107,6 +107,7 @@ def fit(
   pad_id: int,
   policy: str | Policy | None = None,
   loss_scale: str | LossScale | None = None,
+  on_log=None,
 ) -> FitResult:
   """Fine-tunes a classifier and evaluates it; resumes from ``loop.checkpoint_dir`` when it holds a checkpoint.
 
@@ -124,6 +125,8 @@ def fit(
       ``params=..,compute=..,output=..`` string). It sets the model config's compute dtype, the parameters' dtype and
       the default loss scaling. None leaves the model and parameters as given.
     loss_scale: loss scaling (``none``, ``dynamic``, ``static:<scale>`` or an object); None: the policy's default.
+    on_log: called with each history row (loss, accuracy, real tokens/s, compiles, ...) as it is logged, e.g.
+      `jfast.runs.RunDir.log`-backed; evaluation rows are passed with an ``eval_`` prefix.
 
   Returns:
     A `FitResult`.
@@ -179,6 +182,7 @@ def fit(
     skip = start_batch if epoch == start_epoch else 0
     stats["padding_efficiency"] = padding_efficiency(batches)
     t0 = time.perf_counter()
+    window_tokens, window_start = 0, t0
     for i in range(skip, len(batches)):
       batch = batches[i]
       t_step = time.perf_counter()
@@ -191,12 +195,23 @@ def fit(
       stats["train_tokens"] += batch.num_real_tokens
       stats["computed_tokens"] += batch.input_ids.size
       bar.update(1)
+      window_tokens += batch.num_real_tokens
       if step % loop.log_every == 0 or step == total_steps:
-        history.append(_summarise(pending, step, epoch))
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.3f}")
+        row = _summarise(pending, step, epoch)
+        now = time.perf_counter()
+        row.update(tokens_per_second=window_tokens / max(now - window_start, 1e-9), compiles=train_step.num_compiles)
+        window_tokens, window_start = 0, now
+        history.append(row)
+        bar.set_postfix(
+          loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}", compiles=row["compiles"], refresh=False
+        )
+        if on_log is not None:
+          on_log(row)
         pending = []
       if dev_batches and loop.eval_every and step % loop.eval_every == 0 and step != total_steps:
         evals.append({"step": step, **evaluate(eval_step, state.params, dev_batches)})
+        if on_log is not None:
+          on_log({"step": step, **{f"eval_{k}": v for k, v in evals[-1].items() if k != "step"}})
       if ckpt is not None and (step % loop.checkpoint_every == 0 or step == total_steps):
         ckpt.save(
           step, state, {"epoch": epoch, "batch": i + 1} if i + 1 < len(batches) else {"epoch": epoch + 1, "batch": 0}
@@ -211,6 +226,8 @@ def fit(
     ckpt.close()
   if dev_batches:
     evals.append({"step": step, **evaluate(eval_step, state.params, dev_batches)})
+    if on_log is not None:
+      on_log({"step": step, **{f"eval_{k}": v for k, v in evals[-1].items() if k != "step"}})
   stats.update(train_compiles=train_step.num_compiles, eval_compiles=eval_step.num_compiles, final_step=step)
   stats.update(skipped_steps=sum(h["skipped"] for h in history), final_loss_scale=float(state.loss_scale.loss_scale))
   return FitResult(state=state, history=history, evals=evals, stats=stats)

@@ -1,0 +1,158 @@
+"""One folder per run, so results can be found again and compared: ``runs/<name>-<timestamp>/``.
+
+A run folder holds the resolved config (``config.yaml``), metrics as JSON lines (``metrics.jsonl``, one object per
+logged step), the final ``summary.json``, the machine it ran on (``machine.json``), any plots, and TensorBoard
+events under ``tb/`` when ``tensorboardX`` is installed (optional: ``pip install jfast[tensorboard]``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from jfast.config import save_config
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def machine_info() -> dict[str, Any]:
+  """CPU model, core count, accelerators and library versions: what a reader needs to compare two runs."""
+  info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+  except OSError:
+    info["cpu"] = platform.processor() or None
+  try:
+    import jax
+
+    info["jax"] = jax.__version__
+    info["jax_backend"] = jax.default_backend()
+    info["devices"] = sorted({d.device_kind for d in jax.devices()})
+  except Exception as e:  # a broken accelerator runtime should not stop the bookkeeping
+    info["jax"] = f"unavailable: {e}"
+  for lib in ("flax", "optax", "torch", "transformers"):
+    try:
+      info[lib] = __import__(lib).__version__
+    except ImportError:
+      info[lib] = None
+  return info
+
+
+def _jsonable(value):
+  if hasattr(value, "item") and getattr(value, "size", 2) == 1:
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class RunDir:
+  """A run's folder and its writers.
+
+  Args:
+    name: the experiment's name (letters, digits, ``_.-``).
+    root: parent folder (default ``runs``).
+    config: the resolved config dataclass, written as ``config.yaml``.
+    tensorboard: write TensorBoard events too, if ``tensorboardX`` is importable.
+    timestamp: fixed timestamp (tests); default now, UTC.
+
+  Example:
+    >>> run = RunDir("finetune", config=cfg)
+    >>> run.log(step=10, loss=0.41, tokens_per_second=5200.0)
+    >>> run.finish({"dev_accuracy": 0.88})
+  """
+
+  def __init__(
+    self,
+    name: str,
+    *,
+    root: str | Path = "runs",
+    config=None,
+    tensorboard: bool = True,
+    timestamp: str | None = None,
+  ):
+    if not _NAME.match(name):
+      raise ValueError(f"run name {name!r} must be letters, digits, '_', '.' or '-'")
+    stamp = timestamp or datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    self.path = Path(root) / f"{name}-{stamp}"
+    suffix = 1
+    while self.path.exists():  # two runs in the same second must not share a folder
+      suffix += 1
+      self.path = Path(root) / f"{name}-{stamp}-{suffix}"
+    self.path.mkdir(parents=True)
+    self.name = name
+    if config is not None:
+      save_config(config, self.path / "config.yaml")
+    (self.path / "machine.json").write_text(json.dumps(machine_info(), indent=2))
+    self._metrics = (self.path / "metrics.jsonl").open("a")
+    self._tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.path / "tb"))
+      except ImportError:
+        pass
+
+  @property
+  def has_tensorboard(self) -> bool:
+    return self._tb is not None
+
+  def log(self, step: int, **metrics) -> None:
+    """Appends one JSON line (and TensorBoard scalars) for ``step``."""
+    row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+    self._metrics.write(json.dumps(row) + "\n")
+    self._metrics.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, int(step))
+
+  def finish(self, summary: dict[str, Any]) -> Path:
+    """Writes ``summary.json`` and closes the writers; returns the summary's path."""
+    path = self.path / "summary.json"
+    path.write_text(json.dumps({"name": self.name, **summary}, indent=2, default=str))
+    self.close()
+    return path
+
+  def close(self) -> None:
+    self._metrics.close()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if not self._metrics.closed:
+      self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+  """The JSON lines of a run folder (or of a ``metrics.jsonl`` file), in order."""
+  p = Path(path)
+  if p.is_dir():
+    p = p / "metrics.jsonl"
+  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def latest_runs(root: str | Path = "runs") -> dict[str, Path]:
+  """Newest finished run folder (one with ``summary.json``) per run name."""
+  latest: dict[str, tuple[float, Path]] = {}
+  for summary in Path(root).glob("*/summary.json"):
+    try:
+      name = json.loads(summary.read_text()).get("name") or summary.parent.name
+    except json.JSONDecodeError:
+      continue
+    mtime = summary.stat().st_mtime
+    if name not in latest or mtime > latest[name][0]:
+      latest[name] = (mtime, summary.parent)
+  return {name: path for name, (_, path) in sorted(latest.items())}
