@@ -23,6 +23,7 @@ from jfast.data import batch_from_rows
 from jfast.freezing import freeze, freeze_mask
 from jfast.models import BertConfig, BertForSequenceClassification
 from jfast.remat import POLICIES
+from jfast.remat import compiler_options as remat_compiler_options
 from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
 
 MODELS = {
@@ -49,7 +50,12 @@ def measure(config: BertConfig, rows: int, length: int, *, micro_batches=1, froz
     mask = freeze_mask(params, bottom_layers=frozen_layers)
     tx = freeze(tx, mask)
   state = create_train_state(model, params, tx)
-  step = make_train_step(classification_loss(model), micro_batches=micro_batches, freeze_mask=mask)
+  step = make_train_step(
+    classification_loss(model),
+    micro_batches=micro_batches,
+    freeze_mask=mask,
+    compiler_options=remat_compiler_options(model.config.remat_policy),
+  )
   batch = _batch(rows, length)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

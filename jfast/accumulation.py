@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jfast.data.batch import Batch
 
@@ -76,3 +77,28 @@ def accumulate_gradients(loss_fn, params, batch: Batch, rng, k: int, *, normaliz
   init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
   (grads, aux), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
   return aux["loss_sum"] / total, aux, grads
+
+
+def multi_steps(tx: optax.GradientTransformation, every_k: int) -> optax.GradientTransformation:
+  """Accumulation across calls: `optax.MultiSteps`, one real update every ``every_k`` train steps.
+
+  For when one micro-batch is all a step can hold, or micro-batches arrive one at a time (streamed data). Each
+  call's gradient is its own micro-batch's mean; MultiSteps averages the k means. That equals the full batch's
+  gradient when the k micro-batches hold the same number of real examples (fixed-size batches, or packed rows
+  with `make_batches(..., strategy="packed")` filled to the same count); with variable fill it weights small
+  micro-batches up. The in-step `accumulate_gradients` (``make_train_step(micro_batches=k)``) is exact in every
+  case; prefer it when the batch fits in host memory.
+
+  Args:
+    tx: the optimizer chain (clipping included: it then clips the accumulated gradient, as it should).
+    every_k: micro-steps per update.
+
+  Returns:
+    An optax transformation whose update is zero for k-1 calls and the optimizer's update on the k-th.
+
+  Example:
+    >>> tx = multi_steps(optax.adamw(1e-4), every_k=4)
+  """
+  if not isinstance(every_k, int) or every_k < 1:
+    raise ValueError(f"every_k must be a positive integer, got {every_k!r}")
+  return optax.MultiSteps(tx, every_k_schedule=every_k, use_grad_mean=True)

@@ -33,7 +33,10 @@ from jfast.runs import RunDir
 _ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = {"experiment": "experiments", "bench": "benchmarks"}
 # Modules of those packages that are libraries for the scripts, not scripts.
-_NOT_SCRIPTS = {"benchmarks": {"common", "configs", "data", "jax_runner", "torch_runner", "report"}}
+_NOT_SCRIPTS = {
+  "experiments": {"finetune_config"},
+  "benchmarks": {"common", "configs", "data", "jax_runner", "torch_runner", "report"},
+}
 
 
 def scripts(kind: str) -> dict[str, str]:
@@ -192,9 +195,9 @@ def run_script(kind: str, name: str, config_file: str | None, words: list[str], 
 
 
 def _finetune(mode: str, config_file: str | None, words: list[str], runs_root: str) -> Path:
-  from experiments import finetune
+  from experiments.finetune_config import run_from_cli
 
-  return finetune.run_from_cli(mode, config_file, words, runs_root=runs_root)
+  return run_from_cli(mode, config_file, words, runs_root=runs_root)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,14 +14,19 @@ import jax
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jfast.checkpoint import Checkpointer
 from jfast.data.batch import Batch
 from jfast.data.batching import BatchingConfig, make_batches
 from jfast.data.padding import padding_efficiency
+from jfast.distributed import equalize_batches
+from jfast.freezing import freeze
 from jfast.loss_scale import LossScale
 from jfast.precision import Policy, get_policy
+from jfast.remat import compiler_options as remat_compiler_options
+from jfast.sharding import ShardingRules, shard_batch
 from jfast.train import (
   CompiledStep,
   TrainState,
@@ -108,6 +113,10 @@ def fit(
   policy: str | Policy | None = None,
   loss_scale: str | LossScale | None = None,
   on_log=None,
+  micro_batches: int = 1,
+  freeze_mask=None,
+  mesh: Mesh | None = None,
+  rules: ShardingRules | None = None,
 ) -> FitResult:
   """Fine-tunes a classifier and evaluates it; resumes from ``loop.checkpoint_dir`` when it holds a checkpoint.
 
@@ -125,28 +134,52 @@ def fit(
       ``params=..,compute=..,output=..`` string). It sets the model config's compute dtype, the parameters' dtype and
       the default loss scaling. None leaves the model and parameters as given.
     loss_scale: loss scaling (``none``, ``dynamic``, ``static:<scale>`` or an object); None: the policy's default.
+    micro_batches: in-step gradient accumulation over this many row blocks of each batch (`make_train_step`).
+    freeze_mask: from `jfast.freezing.freeze_mask` (True = frozen): those parameters get no gradient, no optimizer
+      state and no update (the optimizer is wrapped with `jfast.freezing.freeze`).
     on_log: called with each history row (loss, accuracy, real tokens/s, compiles, ...) as it is logged, e.g.
       `jfast.runs.RunDir.log`-backed; evaluation rows are passed with an ``eval_`` prefix.
+    mesh: a `jfast.sharding.make_mesh` mesh: state created sharded, steps compiled with the rules' shardings,
+      batches placed with `jfast.sharding.shard_batch`. Across hosts (`jfast.distributed.initialize`), ``train`` and
+      ``dev`` are this host's shard, ``batching.batch_size`` its rows of each global batch, and every host runs
+      the same number of steps (`jfast.distributed.equalize_batches`). None: one device.
+    rules: `jfast.sharding.ShardingRules` (default: the library's table).
 
   Returns:
     A `FitResult`.
   """
   train_seqs, train_labels = train
   first_epoch = make_batches(train_seqs, train_labels, batching, pad_id=pad_id, seed=loop.seed, epoch=0)
-  steps_per_epoch = len(first_epoch.batches)
+  first_batches = equalize_batches(first_epoch.batches)
+  steps_per_epoch = len(first_batches)
   schedule_steps = steps_per_epoch * loop.epochs
   # max_steps stops the run early but leaves the schedule alone, so a stopped run and a full one agree step by step.
   total_steps = schedule_steps if loop.max_steps is None else min(schedule_steps, loop.max_steps)
   tx: optax.GradientTransformation = tx_factory(schedule_steps)
+  if freeze_mask is not None:
+    tx = freeze(tx, freeze_mask)
   if policy is not None:
     policy = get_policy(policy)
     model = model.clone(config=policy.configure(model.config))
-  state = create_train_state(model, params, tx, seed=loop.seed, policy=policy, loss_scale=loss_scale)
+  state = create_train_state(
+    model, params, tx, seed=loop.seed, policy=policy, loss_scale=loss_scale, mesh=mesh, rules=rules
+  )
   loss_fn = classification_loss(model)
-  train_step, eval_step = make_train_step(loss_fn, policy=policy), make_eval_step(loss_fn)
+  options = remat_compiler_options(getattr(model.config, "remat_policy", "none"))
+  train_step = make_train_step(
+    loss_fn,
+    policy=policy,
+    compiler_options=options,
+    mesh=mesh,
+    rules=rules,
+    micro_batches=micro_batches,
+    freeze_mask=freeze_mask,
+  )
+  eval_step = make_eval_step(loss_fn, mesh=mesh, rules=rules)
+  place = (lambda b: b) if mesh is None else (lambda b: shard_batch(b, mesh))
   dev_batches = []
   if dev is not None:
-    dev_batches = make_batches(dev[0], dev[1], eval_batching, pad_id=pad_id, seed=0, epoch=0).batches
+    dev_batches = equalize_batches(make_batches(dev[0], dev[1], eval_batching, pad_id=pad_id, seed=0, epoch=0).batches)
 
   ckpt = Checkpointer(loop.checkpoint_dir, keep=loop.keep_checkpoints) if loop.checkpoint_dir else None
   start_epoch, start_batch = 0, 0
@@ -168,16 +201,19 @@ def fit(
     "computed_tokens": 0,
     "step_times": [],
   }
-  bar = tqdm(total=total_steps, initial=step, disable=not loop.progress, desc="train", unit="step")
+  quiet = not loop.progress or jax.process_index() != 0  # one progress bar for a multi-host run, process 0's
+  bar = tqdm(total=total_steps, initial=step, disable=quiet, desc="train", unit="step")
   pending: list[dict] = []
   done = step >= total_steps
   for epoch in range(start_epoch, loop.epochs):
     if done:
       break
     batches = (
-      first_epoch.batches
+      first_batches
       if epoch == 0
-      else make_batches(train_seqs, train_labels, batching, pad_id=pad_id, seed=loop.seed, epoch=epoch).batches
+      else equalize_batches(
+        make_batches(train_seqs, train_labels, batching, pad_id=pad_id, seed=loop.seed, epoch=epoch).batches
+      )
     )
     skip = start_batch if epoch == start_epoch else 0
     stats["padding_efficiency"] = padding_efficiency(batches)
@@ -186,7 +222,7 @@ def fit(
     for i in range(skip, len(batches)):
       batch = batches[i]
       t_step = time.perf_counter()
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, place(batch))
       if loop.time_steps:
         jax.block_until_ready(metrics)
         stats["step_times"].append((batch.shape, time.perf_counter() - t_step))
@@ -209,7 +245,7 @@ def fit(
           on_log(row)
         pending = []
       if dev_batches and loop.eval_every and step % loop.eval_every == 0 and step != total_steps:
-        evals.append({"step": step, **evaluate(eval_step, state.params, dev_batches)})
+        evals.append({"step": step, **evaluate(eval_step, state.params, map(place, dev_batches))})
         if on_log is not None:
           on_log({"step": step, **{f"eval_{k}": v for k, v in evals[-1].items() if k != "step"}})
       if ckpt is not None and (step % loop.checkpoint_every == 0 or step == total_steps):
@@ -225,7 +261,7 @@ def fit(
   if ckpt is not None:
     ckpt.close()
   if dev_batches:
-    evals.append({"step": step, **evaluate(eval_step, state.params, dev_batches)})
+    evals.append({"step": step, **evaluate(eval_step, state.params, map(place, dev_batches))})
     if on_log is not None:
       on_log({"step": step, **{f"eval_{k}": v for k, v in evals[-1].items() if k != "step"}})
   stats.update(train_compiles=train_step.num_compiles, eval_compiles=eval_step.num_compiles, final_step=step)

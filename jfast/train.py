@@ -19,12 +19,15 @@ import optax
 from flax import linen as nn
 from flax import struct
 from flax.training import train_state
+from jax.sharding import Mesh
 
-from jfast import freezing
+from jfast import freezing, sharding
 from jfast.accumulation import accumulate_gradients
 from jfast.data.batch import Batch
 from jfast.loss_scale import LossScale, NoOpLossScale, all_finite, resolve_loss_scale
+from jfast.optim import adamw_8bit
 from jfast.precision import Policy, get_policy
+from jfast.sharding import ShardingRules
 
 LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -50,9 +53,16 @@ class TrainState(train_state.TrainState):
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng, impl=RNG_IMPL), self.step)
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW with linear warm-up and linear decay, gradient clipping, no decay on biases and norms."""
+  """AdamW with linear warm-up and linear decay, gradient clipping, no decay on biases and norms.
+
+  ``name`` picks the AdamW: ``adamw`` (optax, float32 moments) or ``adamw_8bit`` (`jfast.optim.adamw_8bit`:
+  blockwise 8-bit moments, ``block_size`` and ``min_8bit_size`` as there).
+  """
 
   learning_rate: float = 5e-5
   weight_decay: float = 0.01
@@ -61,8 +71,13 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+  name: str = "adamw"
+  block_size: int = 256
+  min_8bit_size: int = 4096
 
   def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
     if not 0 <= self.warmup_ratio < 1:
@@ -98,12 +113,22 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     ],
     [warmup],
   )
-  return optax.chain(
-    optax.clip_by_global_norm(config.max_grad_norm),
-    optax.adamw(
+  if config.name == "adamw_8bit":
+    adam = adamw_8bit(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+      mask=_decay_mask,
+      block_size=config.block_size,
+      min_8bit_size=config.min_8bit_size,
+    )
+  else:
+    adam = optax.adamw(
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask
-    ),
-  )
+    )
+  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
 
 
 def create_train_state(
@@ -114,18 +139,24 @@ def create_train_state(
   *,
   policy: str | Policy | None = None,
   loss_scale: str | LossScale | None = None,
+  mesh: Mesh | None = None,
+  rules: ShardingRules | None = None,
 ) -> TrainState:
   """Wraps parameters, a freshly initialised optimizer state and an RNG into a `TrainState` (one jitted init).
 
   Args:
     model: the Flax module (its ``apply`` is kept on the state).
-    params: its parameters.
+    params: its parameters, or a zero-argument callable that creates them (run inside the jitted init, so with a
+      mesh the weights are only ever materialised sharded).
     tx: the optimizer.
     seed: seeds the dropout stream.
     policy: a precision policy (`jfast.get_policy` spec); the parameters are cast to its param dtype, and the
       optimizer state follows them (optax allocates Adam's moments like the parameters). None keeps them as given.
     loss_scale: a loss-scale object or word (``none``, ``dynamic``, ``static:<scale>``); None picks the policy's
       default: dynamic for float16 policies, none otherwise.
+    mesh: a `jfast.sharding.make_mesh` mesh: the state is created directly sharded by ``rules`` (shapes from
+      `jax.eval_shape`, then a jit with those out shardings); None: one device.
+    rules: `jfast.sharding.ShardingRules` (default: the library's table).
 
   Returns:
     The `TrainState`.
@@ -138,22 +169,31 @@ def create_train_state(
   """
   cast = (lambda p: p) if policy is None else get_policy(policy).cast_to_param
   scale = resolve_loss_scale(policy, loss_scale)
-  init = jax.jit(
-    lambda p, ls: TrainState.create(
+
+  def init(p, ls):
+    state = TrainState.create(
       apply_fn=model.apply,
       params=cast(p),
       tx=tx,
       rng=jax.random.key_data(jax.random.key(seed, impl=RNG_IMPL)),
       loss_scale=ls,
     )
-  )
-  return init(params, scale)
+    # A strongly typed step counter: flax's is a weakly typed 0, and a checkpoint restores it strongly typed, so a
+    # resumed run would otherwise compile its step a second time.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+  if mesh is not None:
+    return sharding.sharded_init(init, params, scale, mesh=mesh, rules=rules)
+  if callable(params):
+    make_params = params
+    return jax.jit(lambda ls: init(make_params(), ls))(scale)
+  return jax.jit(init)(params, scale)
 
 
 class CompiledStep:
   """A jitted step that counts its compilations (one per distinct input shape), for recompilation budgets."""
 
-  def __init__(self, fn: Callable, **jit_kwargs):
+  def __init__(self, fn: Callable, *, mesh: Mesh | None = None, rules: ShardingRules | None = None, **jit_kwargs):
     self._traces = 0
 
     @functools.wraps(fn)
@@ -162,7 +202,11 @@ class CompiledStep:
       self._traces += 1
       return fn(*args, **kwargs)
 
-    self._jitted = jax.jit(counted, **jit_kwargs)
+    # With a mesh, in/out shardings come from the state's paths and shapes, known only at the first call.
+    if mesh is None:
+      self._jitted = jax.jit(counted, **jit_kwargs)
+    else:
+      self._jitted = sharding.MeshJit(counted, mesh, rules, **jit_kwargs)
 
   def __call__(self, *args):
     return self._jitted(*args)
@@ -324,6 +368,9 @@ def make_train_step(
   state_sharding=None,
   batch_sharding=None,
   donate: bool = True,
+  mesh: Mesh | None = None,
+  rules: ShardingRules | None = None,
+  compiler_options: dict[str, Any] | None = None,
 ) -> CompiledStep:
   """Builds the jitted train step ``(state, batch) -> (state, metrics)``.
 
@@ -346,6 +393,12 @@ def make_train_step(
     state_sharding: sharding (or pytree of shardings) of the `TrainState`; None lets JAX place it.
     batch_sharding: sharding of the `Batch`; None lets JAX place it.
     donate: donate the input state's buffers, so the update happens in place and peak memory holds one state.
+    mesh: a `jfast.sharding.make_mesh` mesh: the step compiles with in/out shardings from ``rules`` (state laid
+      out as `create_train_state(..., mesh=mesh)` makes it, batch rows over data x fsdp, metrics replicated);
+      a batch whose rows do not divide over the data axes fails with a `ValueError`. Replaces the two shardings.
+    rules: `jfast.sharding.ShardingRules` (default: the library's table).
+    compiler_options: XLA options for this step's compilation, e.g. `jfast.remat.compiler_options(policy)`, which
+      remat needs on CPU to save any memory.
 
   Returns:
     A `CompiledStep`; ``step.num_compiles`` counts XLA compilations.
@@ -355,11 +408,17 @@ def make_train_step(
     >>> state, metrics = step(state, batch)  # doctest: +SKIP
   """
   jit_kwargs: dict[str, Any] = {"donate_argnames": ("state",)} if donate else {}
+  if compiler_options:
+    jit_kwargs["compiler_options"] = dict(compiler_options)
   if state_sharding is not None or batch_sharding is not None:
+    if mesh is not None:
+      raise ValueError("pass either mesh (shardings from the rules) or state_sharding/batch_sharding, not both")
     jit_kwargs.update(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
   policy = None if policy is None else get_policy(policy)
   if not isinstance(micro_batches, int) or micro_batches < 1:
     raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
+  if mesh is not None:
+    loss_fn = sharding.gather_params(loss_fn, mesh, rules)  # FSDP: gather weights, keep activations batch-split
   step = functools.partial(
     _train_step,
     loss_fn=loss_fn,
@@ -368,12 +427,24 @@ def make_train_step(
     freeze_mask=freeze_mask,
     normalize_by=normalize_by,
   )
-  return CompiledStep(step, **jit_kwargs)
+  return CompiledStep(step, mesh=mesh, rules=rules, **jit_kwargs)
 
 
-def make_eval_step(loss_fn: LossFn, *, param_sharding=None, batch_sharding=None) -> CompiledStep:
-  """Builds the jitted eval step ``(params, batch) -> sums`` (dropout off); add the sums over batches."""
+def make_eval_step(
+  loss_fn: LossFn,
+  *,
+  param_sharding=None,
+  batch_sharding=None,
+  mesh: Mesh | None = None,
+  rules: ShardingRules | None = None,
+) -> CompiledStep:
+  """Builds the jitted eval step ``(params, batch) -> sums`` (dropout off); add the sums over batches.
+
+  With ``mesh``, params are laid out by ``rules``, batch rows over data x fsdp, and the sums come back replicated.
+  """
   jit_kwargs: dict[str, Any] = {}
   if param_sharding is not None or batch_sharding is not None:
     jit_kwargs.update(in_shardings=(param_sharding, batch_sharding))
-  return CompiledStep(functools.partial(_eval_step, loss_fn=loss_fn), **jit_kwargs)
+  if mesh is not None:
+    loss_fn = sharding.gather_params(loss_fn, mesh, rules)
+  return CompiledStep(functools.partial(_eval_step, loss_fn=loss_fn), mesh=mesh, rules=rules, **jit_kwargs)

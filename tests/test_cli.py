@@ -152,3 +152,35 @@ def test_markdown_to_html_tables_and_headings():
   assert "<h1>T</h1>" in page
   assert "<th>a</th><th>b</th>" in page and "<td>1</td><td><code>x</code></td>" in page
   assert "<li>one</li><li>two</li>" in page and '<img alt="p" src="f.png"' in page
+
+
+def test_finetune_config_keys_map_to_the_scripts_flags_with_the_same_defaults():
+  from experiments import finetune
+  from experiments.finetune_config import FLAGS, FinetuneConfig, to_argv
+
+  assert set(FLAGS) == set(field_names(FinetuneConfig)) - {"name"}
+  defaults = vars(finetune.parse_args([]))
+  parsed = vars(finetune.parse_args(to_argv(FinetuneConfig())))
+  assert parsed == defaults  # jfast finetune passes the run folder as the output at run time
+  cfg = load_config(
+    FinetuneConfig,
+    None,
+    ["optimizer.name=adamw_8bit", "memory.micro_batches=2", "model.remat_policy=full", "loop.progress=false"],
+  )
+  args = finetune.parse_args(to_argv(cfg, output="x"))
+  assert (args.optimizer, args.micro_batches, args.remat, args.no_progress, args.output) == (
+    "adamw_8bit",
+    2,
+    "full",
+    True,
+    "x",
+  )
+
+
+def test_jfast_finetune_rejects_typos_before_loading(capsys):
+  assert cli.main(["finetune", "optimizer.nme=adamw_8bit"]) == 2
+  assert "did you mean 'optimizer.name'" in capsys.readouterr().err
+  assert cli.main(["distill", "distill.alpha=0.3"]) == 2
+  assert "needs distill.teacher" in capsys.readouterr().err
+  assert cli.main(["finetune", "--config", "/nonexistent.yaml"]) == 2
+  assert "does not exist" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.precision import mixed_dot_general
+from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.remat import remat_policy
 
 _ACTIVATIONS = {
@@ -37,6 +38,12 @@ class BertConfig:
       (`jfast.precision.Policy` decides: float32 master weights, or bf16 under ``pure-bf16``).
     attention: which attention kernel runs (see `AttentionConfig`).
     remat_policy: a key of `jfast.remat.REMAT_POLICIES`; ``none`` keeps every activation.
+    layer_num_heads: per-layer head counts of a structurally pruned model (`jfast.pruning.shrink`); each layer
+      keeps ``head_dim = hidden_size // num_attention_heads``. None: every layer has ``num_attention_heads``.
+    layer_intermediate_sizes: per-layer FFN widths of a pruned model. None: every layer has ``intermediate_size``.
+    quantization: ``none``, or how the encoder's six projections run (`jfast.quant.QuantDense`): ``int8`` (int8
+      weights, per-token activation scales), ``int8-static`` (calibrated activation scales), ``qat`` (float weights,
+      fake quantization for quantization-aware fine-tuning).
   """
 
   vocab_size: int = 30522
@@ -55,6 +62,9 @@ class BertConfig:
   dtype: str = "float32"
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   remat_policy: str = "none"
+  layer_num_heads: tuple[int, ...] | None = None
+  layer_intermediate_sizes: tuple[int, ...] | None = None
+  quantization: str = "none"
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -69,6 +79,17 @@ class BertConfig:
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
     remat_policy(self.remat_policy)
+    check_mode(self.quantization)
+    for name, limit in (("layer_num_heads", self.num_attention_heads), ("layer_intermediate_sizes", None)):
+      sizes = getattr(self, name)
+      if sizes is None:
+        continue
+      object.__setattr__(self, name, tuple(int(s) for s in sizes))  # a JSON list stays hashable as a config
+      if len(sizes) != self.num_hidden_layers:
+        raise ValueError(f"{name} has {len(sizes)} entries for {self.num_hidden_layers} layers")
+      if any(s < 1 or (limit is not None and s > limit) for s in sizes):
+        bound = f"1..{limit}" if limit else ">= 1"
+        raise ValueError(f"{name} entries must be {bound} (a layer cannot lose all its heads/neurons), got {sizes}")
 
   @property
   def head_dim(self) -> int:
@@ -78,11 +99,20 @@ class BertConfig:
   def compute_dtype(self) -> Any:
     return _DTYPES[self.dtype]
 
+  def layer_sizes(self, index: int) -> tuple[int, int]:
+    """``(heads, intermediate_size)`` of encoder layer ``index``."""
+    heads = self.num_attention_heads if self.layer_num_heads is None else self.layer_num_heads[index]
+    ffn = self.intermediate_size if self.layer_intermediate_sizes is None else self.layer_intermediate_sizes[index]
+    return heads, ffn
+
   def replace(self, **changes) -> BertConfig:
     return dataclasses.replace(self, **changes)
 
 
-def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+def _dense(config: BertConfig, features: int, name: str) -> nn.Module:
+  if config.quantization != "none" and name in QUANTIZED_LAYERS:
+    init = nn.initializers.normal(config.initializer_range)
+    return QuantDense(features, config.quantization, config.compute_dtype, init, name=name)
   half = config.compute_dtype != jnp.float32
   return nn.Dense(
     features,
@@ -135,15 +165,16 @@ class BertEmbeddings(nn.Module):
 
 class BertLayer(nn.Module):
   config: BertConfig
+  index: int = 0  # which encoder layer: picks its sizes when pruning made them differ
 
   @nn.compact
   def __call__(self, x_BxLxD, segment_ids_BxL, deterministic: bool):
     cfg = self.config
     batch, length, _ = x_BxLxD.shape
-    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    (heads, ffn), head_dim = cfg.layer_sizes(self.index), cfg.head_dim
 
     def project(name):
-      y_BxLxD = _dense(cfg, cfg.hidden_size, name)(x_BxLxD)
+      y_BxLxD = _dense(cfg, heads * head_dim, name)(x_BxLxD)
       return checkpoint_name(y_BxLxD, f"{name}_proj").reshape(batch, length, heads, head_dim)
 
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = project("query"), project("key"), project("value")
@@ -155,7 +186,7 @@ class BertLayer(nn.Module):
     attn_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
     h_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
 
-    mlp_BxLxF = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, "intermediate")(h_BxLxD))
+    mlp_BxLxF = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, ffn, "intermediate")(h_BxLxD))
     mlp_BxLxF = checkpoint_name(mlp_BxLxF, "mlp_hidden")
     out_BxLxD = _dense(cfg, cfg.hidden_size, "output")(mlp_BxLxF)
     out_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
@@ -182,6 +213,17 @@ def _default_ids(input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, position
   return segment_ids_BxL.astype(jnp.int32), token_type_ids_BxL, position_ids_BxL
 
 
+def _check_positions(config: BertConfig, input_ids_BxL, position_ids_BxL) -> None:
+  # Out-of-range rows of nn.Embed are clamped silently under jit; a long input must fail here instead.
+  length = input_ids_BxL.shape[1]
+  if position_ids_BxL is None and length > config.max_position_embeddings:
+    raise ValueError(
+      f"input length {length} exceeds the position table (max_position_embeddings="
+      f"{config.max_position_embeddings}); extend it first with jfast.models.bert.extend_position_embeddings("
+      f"config, params, {length}) or pass per-segment position_ids"
+    )
+
+
 class BertModel(nn.Module):
   """BERT encoder with pooler.
 
@@ -206,6 +248,7 @@ class BertModel(nn.Module):
     deterministic: bool = True,
   ):
     cfg = self.config
+    _check_positions(cfg, input_ids, position_ids)
     segment_ids_BxL, token_type_ids_BxL, position_ids_BxL = _default_ids(
       input_ids, attention_mask, token_type_ids, position_ids, segment_ids
     )
@@ -214,7 +257,7 @@ class BertModel(nn.Module):
     )
     layer_cls = _layer_class(cfg)
     for i in range(cfg.num_hidden_layers):
-      x_BxLxD = layer_cls(cfg, name=f"encoder_layer_{i}")(x_BxLxD, segment_ids_BxL, deterministic)
+      x_BxLxD = layer_cls(cfg, index=i, name=f"encoder_layer_{i}")(x_BxLxD, segment_ids_BxL, deterministic)
     if not self.add_pooling_layer:
       return x_BxLxD, None
     if cls_positions is None:
@@ -259,3 +302,42 @@ class BertForSequenceClassification(nn.Module):
     pooled = nn.Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
     logits = _dense(self.config, self.num_labels, "classifier")(pooled)
     return logits.astype(jnp.float32)
+
+
+def extend_position_embeddings(config: BertConfig, params: dict, max_positions: int) -> tuple[BertConfig, dict]:
+  """Longer inputs for a pretrained BERT: tiles its position table, as Longformer initialised its 4,096 positions.
+
+  Position ``p`` gets the pretrained embedding of ``p mod max_position_embeddings``: each copy keeps the local
+  geometry the model learnt (neighbouring positions look alike), which Longformer found trains far faster than a
+  random extension; fine-tuning then sorts out the repeats (pair it with a sparse attention kind).
+
+  Args:
+    config: the model's config.
+    params: `BertModel` parameters, or `BertForSequenceClassification` parameters (``{'bert', 'classifier'}``).
+    max_positions: the new table length, larger than ``config.max_position_embeddings``.
+
+  Returns:
+    ``(new_config, new_params)``; the inputs are not modified.
+
+  Example:
+    >>> config, params = load_hf_bert(path)  # doctest: +SKIP
+    >>> config, params = extend_position_embeddings(config, params, 4096)  # doctest: +SKIP
+    >>> config = config.replace(attention=AttentionConfig.sliding_window(256, global_tokens=1))  # doctest: +SKIP
+  """
+  if isinstance(max_positions, bool) or not isinstance(max_positions, int):
+    raise TypeError(f"max_positions must be an int, got {type(max_positions).__name__}")
+  old = config.max_position_embeddings
+  if max_positions <= old:
+    raise ValueError(f"max_positions {max_positions} must exceed the current table of {old} positions")
+  encoder = params.get("bert", params)
+  if "embeddings" not in encoder or "position_embeddings" not in encoder["embeddings"]:
+    raise ValueError("params hold no embeddings/position_embeddings table: pass BertModel or classifier params")
+  table = encoder["embeddings"]["position_embeddings"]["embedding"]
+  if table.shape[0] != old:
+    raise ValueError(f"position table has {table.shape[0]} rows but config says {old}")
+  reps = -(-max_positions // old)
+  new_table = jnp.tile(jnp.asarray(table), (reps, 1))[:max_positions]
+  embeddings = {**encoder["embeddings"], "position_embeddings": {"embedding": new_table}}
+  new_encoder = {**encoder, "embeddings": embeddings}
+  new_params = {**params, "bert": new_encoder} if "bert" in params else new_encoder
+  return config.replace(max_position_embeddings=max_positions), new_params

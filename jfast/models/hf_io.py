@@ -40,7 +40,9 @@ _TOP_MODULES = {
 _LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 # Tensors a Hugging Face folder may hold that a BERT encoder does not use.
 _IGNORED = re.compile(r"^(embeddings\.position_ids|cls\..*|classifier\..*|.*\.num_batches_tracked)$")
-_CONFIG_KEYS = tuple(f.name for f in BertConfig.__dataclass_fields__.values() if f.name not in ("attention",))
+_CONFIG_KEYS = tuple(
+  f.name for f in BertConfig.__dataclass_fields__.values() if f.name not in ("attention", "quantization")
+)
 
 
 def _hf_name(path: tuple[str, ...]) -> str:
@@ -167,6 +169,12 @@ def save_hf_bert(path: str | Path, config: BertConfig, params: dict, *, label_na
   folder = Path(path)
   folder.mkdir(parents=True, exist_ok=True)
   params = jax.device_get(params)
+  if config.layer_num_heads is not None or config.layer_intermediate_sizes is not None:
+    # A structurally pruned model: transformers 5 has no pruned_heads and one head size and FFN width per model,
+    # so the removed heads and neurons go back in as zeros (same logits, dense size).
+    from jfast.pruning import pad_to_uniform
+
+    config, params = pad_to_uniform(config, params)
   has_head = "classifier" in params
   encoder = params["bert"] if has_head else params
   prefix = "bert." if has_head else ""
@@ -175,6 +183,7 @@ def save_hf_bert(path: str | Path, config: BertConfig, params: dict, *, label_na
     value = np.asarray(value, dtype=np.float32)
     tensors[prefix + _hf_name(flax_path)] = np.ascontiguousarray(value.T if flax_path[-1] == "kernel" else value)
   hf_config = {k: getattr(config, k) for k in _CONFIG_KEYS if k not in ("dtype", "remat_policy")}
+  hf_config = {k: v for k, v in hf_config.items() if v is not None or not k.startswith("layer_")}
   hf_config.update(model_type="bert", position_embedding_type="absolute", torch_dtype="float32")
   if has_head:
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(params["classifier"]["kernel"], np.float32).T)

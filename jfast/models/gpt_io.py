@@ -1,0 +1,148 @@
+"""Weight interop with Hugging Face GPT-2 folders (``config.json`` + ``model.safetensors``).
+
+GPT-2's ``Conv1D`` stores weights ``[in, out]``, as Flax ``Dense`` does, so the mapping is a rename: no transposes.
+The language-model head is tied to ``wte``; a folder whose ``lm_head.weight`` differs from it is refused rather than
+silently re-tied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from jfast.models.gpt import GPT, GPTConfig
+from jfast.models.hf_io import _read_folder
+
+_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Buffers and heads a GPT-2 folder may hold that the decoder does not use as parameters.
+_IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
+_CONFIG_KEYS = (
+  "vocab_size",
+  "n_positions",
+  "n_embd",
+  "n_layer",
+  "n_head",
+  "n_inner",
+  "activation_function",
+  "resid_pdrop",
+  "embd_pdrop",
+  "attn_pdrop",
+  "layer_norm_epsilon",
+  "initializer_range",
+  "bos_token_id",
+  "eos_token_id",
+)
+
+
+def _hf_name(path: tuple[str, ...]) -> str:
+  """Maps a flattened Flax path to its Hugging Face name without the ``transformer.`` prefix."""
+  *module, leaf = path
+  parts = [m.replace("h_", "h.", 1) if re.fullmatch(r"h_\d+", m) else m for m in module]
+  return ".".join([*parts, _LEAVES[leaf]])
+
+
+def _config_from_hf(hf: dict) -> GPTConfig:
+  if hf.get("model_type", "gpt2") != "gpt2":
+    raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not GPT-2")
+  unsupported = {
+    "scale_attn_weights": (True, "attention logits must be scaled by 1/sqrt(head_dim)"),
+    "scale_attn_by_inverse_layer_idx": (False, "per-layer attention scaling is not implemented"),
+    "add_cross_attention": (False, "cross-attention is not implemented"),
+    "tie_word_embeddings": (True, "the language-model head must be tied to wte"),
+  }
+  for key, (want, why) in unsupported.items():
+    if hf.get(key, want) != want:
+      raise ValueError(f"config.json sets {key}={hf[key]!r}: {why}")
+  fields = {k: hf[k] for k in _CONFIG_KEYS if k in hf and hf[k] is not None}
+  if "n_positions" not in fields and "n_ctx" in hf:
+    fields["n_positions"] = hf["n_ctx"]
+  return GPTConfig(**fields)
+
+
+def _param_shapes(config: GPTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  ids = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: GPT(config).init(jax.random.key(0), ids))["params"]
+  return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
+
+
+def load_hf_gpt2(path: str | Path, *, config: GPTConfig | None = None) -> tuple[GPTConfig, dict]:
+  """Reads a Hugging Face GPT-2 folder (``GPT2LMHeadModel`` or ``GPT2Model``) into `GPT` parameters.
+
+  Args:
+    path: a folder with ``config.json`` and ``model.safetensors``; names with or without ``transformer.``.
+    config: overrides the folder's config (dtype, attention kind, remat); its sizes must match the weights.
+
+  Returns:
+    ``(config, params)`` with float32 numpy parameters in the tree ``GPT(config).init`` makes.
+
+  Example:
+    >>> config, params = load_hf_gpt2("runs/gpt2-small")  # doctest: +SKIP
+    >>> logits = GPT(config).apply({"params": params}, input_ids)  # doctest: +SKIP
+  """
+  folder, hf_config, tensors = _read_folder(path)
+  file_config = _config_from_hf(hf_config)
+  config = file_config if config is None else config
+  if config.position_embedding != "learned":
+    raise ValueError("GPT-2 folders hold learned positions; a rotary config cannot load them")
+  tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  expected = _param_shapes(config)
+  flat, problems = {}, []
+  for flax_path, shape in expected.items():
+    name = _hf_name(flax_path)
+    if name not in tensors:
+      problems.append(f"{name}: missing")
+      continue
+    value = np.asarray(tensors[name], dtype=np.float32)
+    if value.shape != shape:
+      problems.append(f"{name}: weights {value.shape}, config expects {shape}")
+    flat[flax_path] = value
+  used = {_hf_name(p) for p in expected}
+  unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
+  problems += [f"{name}: in the weights but not in the config" for name in unexpected[:10]]
+  if problems:
+    raise ValueError(f"config does not match the weights in {folder}:\n  " + "\n  ".join(problems[:20]))
+  head = tensors.get("lm_head.weight")
+  if head is not None and not np.array_equal(np.asarray(head, np.float32), flat[("wte", "embedding")]):
+    raise ValueError(f"{folder}: lm_head.weight differs from wte.weight; untied heads are not supported")
+  return config, traverse_util.unflatten_dict(flat)
+
+
+def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict) -> None:
+  """Writes a folder that ``transformers.GPT2LMHeadModel.from_pretrained`` (PyTorch) loads.
+
+  Args:
+    path: the folder to create (parents too).
+    config: the model's config (learned positions only: GPT-2 has no rotary variant).
+    params: `GPT` parameters.
+
+  Example:
+    >>> save_hf_gpt2("out/shakespeare-gpt", config, state.params)  # doctest: +SKIP
+  """
+  if config.position_embedding != "learned":
+    raise ValueError("the GPT-2 layout has learned positions only; a rotary model cannot be exported to it")
+  folder = Path(path)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = {
+    "transformer." + _hf_name(p): np.ascontiguousarray(np.asarray(v, np.float32))
+    for p, v in traverse_util.flatten_dict(jax.device_get(params)).items()
+  }
+  hf_config = {k: getattr(config, k) for k in _CONFIG_KEYS}
+  hf_config.update(
+    model_type="gpt2",
+    architectures=["GPT2LMHeadModel"],
+    n_ctx=config.n_positions,
+    scale_attn_weights=True,
+    scale_attn_by_inverse_layer_idx=False,
+    reorder_and_upcast_attn=False,
+    tie_word_embeddings=True,
+    torch_dtype="float32",
+  )
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
