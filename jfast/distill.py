@@ -333,6 +333,8 @@ def make_distill_step(
   micro_batches: int = 1,
   freeze_mask=None,
   donate: bool = True,
+  mesh=None,
+  rules=None,
 ) -> train.CompiledStep:
   """Builds the jitted distillation step ``(state, teacher_params, batch) -> (state, metrics)``.
 
@@ -351,6 +353,9 @@ def make_distill_step(
     micro_batches: in-step gradient accumulation; the teacher runs per micro-batch too.
     freeze_mask: frozen student parameters (`jfast.freezing.freeze_mask` on ``state.params``).
     donate: donate the input state's buffers.
+    mesh: a `jfast.sharding.make_mesh` mesh: the student state and the teacher's params are sharded by ``rules``
+      and the batch rows over data x fsdp (as `jfast.train.make_train_step` does). None: one device.
+    rules: `jfast.sharding.ShardingRules` (default: the library's table).
 
   Returns:
     A `CompiledStep`.
@@ -381,7 +386,9 @@ def make_distill_step(
     micro_batches=micro_batches,
     freeze_mask=freeze_mask,
   )
-  return train.CompiledStep(step, **({"donate_argnames": ("state",)} if donate else {}))
+  jit_kwargs = {"donate_argnames": ("state",)} if donate else {}
+  # With a mesh, the state and the teacher's params are laid out by the same path rules as any train step.
+  return train.CompiledStep(step, mesh=mesh, rules=rules, **jit_kwargs)
 
 
 def precompute_teacher_logits(

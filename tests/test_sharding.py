@@ -272,3 +272,16 @@ def test_mesh_from_string():
     mesh_from_string("pipe=2")
   with pytest.raises(ValueError, match="needs an integer size"):
     mesh_from_string("data=two")
+
+
+def test_distill_step_on_a_mesh_equals_one_device():
+  out = subprocess.run(
+    [sys.executable, str(Path(__file__).parent / "distill_mesh_worker.py")],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["finite"] and result["compiles"] == 1 and result["devices"] == 8
+  assert result["loss_diff"] <= 1e-5 and result["param_diff"] <= 1e-5
