@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from experiments import quantize as qexp
+from experiments.teacher import ensure_teacher
 from jfast import quant
 from jfast.distill import DistillConfig, distill_params, make_distill_step, split_params, student_from_teacher
 from jfast.models import BertForSequenceClassification, load_hf_bert
@@ -200,6 +201,7 @@ def main(argv=None) -> dict:
   out = Path(args.output)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
+  ensure_teacher(args.model, args.data)
   config, params = load_hf_bert(args.model, head="classifier")
   num_labels = params["classifier"]["bias"].shape[0]
   data = qexp.load_data(args.data, args.model, single=args.single, pad_id=config.pad_token_id)

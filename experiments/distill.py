@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from experiments.finetune import DEFAULT_DATA, default_model_path
+from experiments.teacher import ensure_teacher
 from jfast.data import BatchingConfig, TextDataset, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.data.padding import fixed_pad
 from jfast.distill import (
@@ -200,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  teacher_dir = Path(args.teacher)
+  teacher_dir = ensure_teacher(args.teacher, args.data)
   t_config, t_params = load_hf_bert(teacher_dir, head="classifier")
   num_labels = t_params["classifier"]["bias"].shape[0]
   teacher = BertForSequenceClassification(t_config, num_labels=num_labels)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from experiments.finetune import DEFAULT_DATA, default_model_path
+from experiments.teacher import ensure_teacher
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.data.padding import dynamic_pad
 from jfast.loop import LoopConfig, evaluate, fit
@@ -183,6 +184,7 @@ def _latency(variants: dict, ids, mask, rounds: int) -> dict[str, dict[str, floa
 def main(argv=None) -> dict:
   args = parse_args(argv)
   t_start = time.perf_counter()
+  ensure_teacher(args.model, args.data)
   config, params = load_hf_bert(args.model, head="classifier")
   num_labels = int(np.shape(params["classifier"]["bias"])[0])
   has_tokenizer = (Path(args.model) / "tokenizer.json").is_file()

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.teacher import ensure_teacher
 from jfast import quant
 from jfast.data import Batch, BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.models import BertForSequenceClassification, load_hf_bert
@@ -269,6 +270,7 @@ def main(argv=None) -> dict:
   out = Path(args.output)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
+  ensure_teacher(args.model, args.data)
   config, params = load_hf_bert(args.model, head="classifier")
   num_labels = params["classifier"]["bias"].shape[0]
   data = load_data(args.data, args.model, single=args.single, pad_id=config.pad_token_id)

@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
       path = build_report(results=args.results, runs=args.runs, out=args.out)
       print(f"[jfast] report: {path} and {path.with_suffix('.html')}")
-  except ConfigError as e:
+  except (ConfigError, FileNotFoundError) as e:
+    # A missing file (a config, a model folder) is the user's to fix: its message, not a traceback.
     print(f"jfast: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -184,3 +184,30 @@ def test_jfast_finetune_rejects_typos_before_loading(capsys):
   assert "needs distill.teacher" in capsys.readouterr().err
   assert cli.main(["finetune", "--config", "/nonexistent.yaml"]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_is_an_error_not_a_traceback(tmp_path, capsys):
+  missing = tmp_path / "no_teacher"
+  assert cli.main(["experiment", "quantize", f"model={missing}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jfast: error: no fine-tuned model at") and str(missing) in err
+
+
+def test_the_default_teacher_is_made_only_when_it_is_the_default(tmp_path, monkeypatch):
+  from experiments import finetune, teacher
+
+  made = []
+  monkeypatch.setattr(teacher, "DEFAULT_TEACHER", (tmp_path / "teacher" / "hf").resolve())
+
+  def fake_main(argv):  # stands in for the 7-minute fine-tune: records the call, writes the export
+    made.append(argv)
+    (tmp_path / "teacher" / "hf").mkdir(parents=True)
+    (tmp_path / "teacher" / "hf" / "config.json").write_text("{}")
+
+  monkeypatch.setattr(finetune, "main", fake_main)
+  assert teacher.ensure_teacher(tmp_path / "teacher" / "hf", "sst2") == tmp_path / "teacher" / "hf"
+  assert made == [["--export", "--output", str(tmp_path / "teacher"), "--no-progress", "--data", "sst2"]]
+  teacher.ensure_teacher(tmp_path / "teacher" / "hf")  # present now: nothing is trained again
+  assert len(made) == 1
+  with pytest.raises(FileNotFoundError, match="no fine-tuned model"):
+    teacher.ensure_teacher(tmp_path / "elsewhere")

@@ -16,7 +16,7 @@ from jfast.data import BatchingConfig
 from jfast.loop import LoopConfig, fit
 from jfast.loss_scale import DynamicLossScale, NoOpLossScale
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, load_hf_bert
-from jfast.precision import PRESETS, Policy, get_policy, mixed_dot_general
+from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general
 from jfast.train import classification_loss, create_train_state, make_train_step
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
@@ -245,6 +245,49 @@ def test_mixed_dot_general_gradients_and_cpu_kernels():
   if ("bf16", "bf16") not in operand_types:
     pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
   assert set(operand_types) == {("bf16", "bf16")}, operand_types
+
+
+def test_mixed_dense_casts_the_master_kernel_inside_and_keeps_no_half_copy():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 24, 64)).astype(np.float32)
+  layer = MixedDense(80, jnp.bfloat16, nn.initializers.normal(0.1))
+  params = layer.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.bfloat16))
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.05, jnp.float32), params)
+  assert {p.dtype for p in jax.tree.leaves(params)} == {F32}
+  cotangent = rng.normal(size=(4, 24, 80))
+
+  def loss(params, x):
+    return jnp.sum(layer.apply(params, x).astype(jnp.float32) * cotangent)
+
+  x_bf16 = jnp.asarray(x, jnp.bfloat16)
+  grads = jax.jit(jax.grad(loss))(params, x_bf16)
+  # The kernel's gradient stays float32 (the half-precision copy's gradient is not rounded to bf16 on the way).
+  assert grads["params"]["kernel"].dtype == F32
+  # Reference: the same layer in float64 numpy on the bf16-rounded operands.
+  x64 = np.asarray(x_bf16, np.float64).reshape(-1, 64)
+  g64 = cotangent.reshape(-1, 80)
+  want_dw = x64.T @ g64
+  got_dw = np.asarray(grads["params"]["kernel"], np.float64)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=0.02, atol=0.01 * np.abs(want_dw).max())
+  # The bias gradient is a bf16 sum of the bf16 cotangent over 96 tokens, as in nn.Dense: bf16's 8 bits, not 24.
+  want_db = g64.sum(0)
+  np.testing.assert_allclose(
+    np.asarray(grads["params"]["bias"], np.float64), want_db, atol=0.02 * np.abs(want_db).max()
+  )
+  kernel64 = np.asarray(jnp.asarray(params["params"]["kernel"], jnp.bfloat16), np.float64)
+  want_y = x64 @ kernel64 + np.asarray(jnp.asarray(params["params"]["bias"], jnp.bfloat16), np.float64)
+  got_y = np.asarray(layer.apply(params, x_bf16), np.float64).reshape(-1, 80)
+  np.testing.assert_allclose(got_y, want_y, rtol=0.02, atol=0.01 * np.abs(want_y).max())
+  # What autodiff keeps for the backward pass: x (transposed, bf16) and the float32 kernel itself (an argument),
+  # never a bf16 copy of the kernel, which nn.Dense(dtype=bf16) would keep.
+  from jax._src.ad_checkpoint import saved_residuals
+
+  residuals = saved_residuals(lambda p: loss(p, x_bf16), params)
+  kept = [(a.dtype, a.shape) for a, source in residuals if "argument" not in source]
+  assert (BF16, (64, 80)) not in kept and (BF16, (64, 4 * 24)) in kept, kept
+  dense = nn.Dense(80, dtype=jnp.bfloat16, dot_general=mixed_dot_general)
+  residuals = saved_residuals(lambda p: jnp.sum(dense.apply(p, x_bf16).astype(jnp.float32)), params)
+  assert (BF16, (64, 80)) in [(a.dtype, a.shape) for a, source in residuals if "argument" not in source]
 
 
 def test_fit_takes_a_policy():

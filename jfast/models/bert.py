@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from jfast.models.attention import Attention, AttentionConfig
-from jfast.precision import mixed_dot_general
+from jfast.precision import MixedDense
 from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.remat import remat_policy
 
@@ -113,16 +113,12 @@ def _dense(config: BertConfig, features: int, name: str) -> nn.Module:
   if config.quantization != "none" and name in QUANTIZED_LAYERS:
     init = nn.initializers.normal(config.initializer_range)
     return QuantDense(features, config.quantization, config.compute_dtype, init, name=name)
-  half = config.compute_dtype != jnp.float32
-  return nn.Dense(
-    features,
-    dtype=config.compute_dtype,
-    param_dtype=jnp.float32,
-    kernel_init=nn.initializers.normal(config.initializer_range),
-    # Half-precision matmuls accumulate in float32; written so, XLA:CPU runs them in bf16 instead of upcasting.
-    dot_general=mixed_dot_general if half else None,
-    name=name,
-  )
+  init = nn.initializers.normal(config.initializer_range)
+  if config.compute_dtype != jnp.float32:
+    # Half-precision matmuls accumulate in float32 (so written, XLA:CPU runs them in bf16 instead of upcasting),
+    # and the bf16 weight copy is made inside the dot, not kept for the backward pass.
+    return MixedDense(features, config.compute_dtype, init, name=name)
+  return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
 
 
 # Under half-precision compute the norm is recomputed in the backward pass from its half-precision input: its

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.models.bert import _ACTIVATIONS, _DTYPES, _RematLayerNorm
-from jfast.precision import mixed_dot_general
+from jfast.precision import MixedDense, mixed_dot_general
 from jfast.remat import remat_policy
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
@@ -107,15 +107,12 @@ def _half(config: GPTConfig) -> bool:
   return config.compute_dtype != jnp.float32
 
 
-def _dense(config: GPTConfig, features: int, name: str, std: float | None = None) -> nn.Dense:
-  return nn.Dense(
-    features,
-    dtype=config.compute_dtype,
-    param_dtype=jnp.float32,
-    kernel_init=nn.initializers.normal(config.initializer_range if std is None else std),
-    dot_general=mixed_dot_general if _half(config) else None,
-    name=name,
-  )
+def _dense(config: GPTConfig, features: int, name: str, std: float | None = None) -> nn.Module:
+  init = nn.initializers.normal(config.initializer_range if std is None else std)
+  if _half(config):
+    # As in BERT: bf16 x bf16 -> float32 dots, the weight cast inside the dot rather than kept for the backward.
+    return MixedDense(features, config.compute_dtype, init, name=name)
+  return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
 
 
 def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
