@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jfast.precision import mixed_matmul, row_major
+
 ATTENTION_KINDS = ("dense", "sliding_window", "blockwise")
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
 # Finite stand-in for -inf: exp() of it underflows to 0 without inf - inf = NaN in masked rows or their gradients.
@@ -137,7 +139,14 @@ def dense_attention(
   because that function has no attention dropout.
   """
   depth = q_BxLxHxD.shape[-1]
-  logits_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD) / jnp.sqrt(depth).astype(q_BxLxHxD.dtype)
+  half = q_BxLxHxD.dtype in (jnp.bfloat16, jnp.float16)
+  if half:
+    # Head-major row-major operands, so that both products and their gradients stay half precision on XLA:CPU.
+    q_BxHxLxD = row_major(jnp.transpose(q_BxLxHxD, (0, 2, 1, 3)))
+    k_BxHxDxL = row_major(jnp.transpose(k_BxLxHxD, (0, 2, 3, 1)))
+    logits_BxHxLxL = mixed_matmul(q_BxHxLxD, k_BxHxDxL) / jnp.sqrt(depth).astype(q_BxLxHxD.dtype)
+  else:
+    logits_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD) / jnp.sqrt(depth).astype(q_BxLxHxD.dtype)
   logits_BxHxLxL = logits_BxHxLxL.astype(jnp.float32)
   mask = segment_mask(segment_ids_BxL, causal=causal)
   # A finite floor instead of -inf keeps fully masked rows (all-padding rows) NaN-free.
@@ -146,6 +155,9 @@ def dense_attention(
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxL.shape)
     probs_BxHxLxL = jnp.where(keep, probs_BxHxLxL / (1.0 - dropout_rate), 0).astype(v_BxLxHxD.dtype)
+  if half:
+    v_BxHxLxD = row_major(jnp.transpose(v_BxLxHxD, (0, 2, 1, 3)))
+    return jnp.swapaxes(mixed_matmul(probs_BxHxLxL, v_BxHxLxD), 1, 2)
   return jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxL, v_BxLxHxD)
 
 

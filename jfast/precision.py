@@ -173,6 +173,81 @@ def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return _dense_dot(lhs.reshape(-1, lhs.shape[-1]), rhs).reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
+def row_major(x: jax.Array) -> jax.Array:
+  """``x`` unchanged in value; under bf16 on CPU, a physical row-major copy of it (e.g. after a transpose).
+
+  XLA folds a transpose into a layout (a strided view), and XLA:CPU's bf16 matmul kernel takes row-major operands
+  only; other platforms, and other dtypes, get ``x`` as it is.
+  """
+  if x.dtype != jnp.bfloat16:
+    return x
+
+  def physical(a):
+    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+  return jax.lax.platform_dependent(x, cpu=physical, default=lambda a: a)
+
+
+def _swap_last_two(a_NxIxJ):
+  return row_major(jnp.swapaxes(a_NxIxJ, -1, -2))
+
+
+def _bmm(a_NxMxK, b_NxKxN):
+  batch = tuple(range(a_NxMxK.ndim - 2))
+  dims = (((a_NxMxK.ndim - 1,), (b_NxKxN.ndim - 2,)), (batch, batch))
+  return jax.lax.dot_general(a_NxMxK, b_NxKxN, dims, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmul_grad(y_NxMxN, a_NxMxK, b_NxKxN):
+  """Identity on ``y``; its VJP is the batched matmul's gradient, as row-major half x half -> float32 dots."""
+  del a_NxMxK, b_NxKxN
+  return y_NxMxN
+
+
+def _matmul_grad_fwd(y_NxMxN, a_NxMxK, b_NxKxN):
+  return y_NxMxN, (a_NxMxK, b_NxKxN)
+
+
+def _matmul_grad_bwd(res, g_NxMxN):
+  a_NxMxK, b_NxKxN = res
+  # The barrier inside row_major also keeps XLA from folding the cast into the dot (it would then run in float32).
+  g_NxMxN = row_major(g_NxMxN.astype(a_NxMxK.dtype))
+  da = _bmm(g_NxMxN, _swap_last_two(b_NxKxN)).astype(a_NxMxK.dtype)
+  db = _bmm(_swap_last_two(a_NxMxK), g_NxMxN).astype(b_NxKxN.dtype)
+  return jnp.zeros_like(g_NxMxN), da, db
+
+
+_matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
+
+
+def mixed_matmul(a_NxMxK: jax.Array, b_NxKxN: jax.Array) -> jax.Array:
+  """Batched ``a @ b`` over leading batch axes; in half precision, half x half -> float32 dots both ways.
+
+  The attention products (``q @ k^T``, ``probs @ v``) are batched matmuls. Under autodiff their gradient dots
+  contract over axes that are not the last of a row-major operand, so XLA:CPU's bf16 kernel (YNNPACK) declines them
+  and the float-normalization pass runs them, and keeps their operands, in float32 (docs/precision.md). Written
+  here in the one form that kernel takes (row-major ``[..., M, K] @ [..., K, N]``, physical transposes), with a
+  custom VJP as `mixed_dot_general`. float32 operands give a plain ``jnp.matmul``.
+
+  Args:
+    a_NxMxK: ``[..., M, K]``.
+    b_NxKxN: ``[..., K, N]``, same batch axes and dtype as ``a``.
+
+  Returns:
+    ``[..., M, N]`` in the operands' dtype.
+
+  Example:
+    >>> logits_BxHxLxL = mixed_matmul(q_BxHxLxD, k_BxHxDxL)  # doctest: +SKIP
+  """
+  half = a_NxMxK.dtype in (jnp.bfloat16, jnp.float16) and b_NxKxN.dtype == a_NxMxK.dtype
+  if not half:
+    return jnp.matmul(a_NxMxK, b_NxKxN)
+  sg = jax.lax.stop_gradient
+  y_NxMxN = _bmm(sg(a_NxMxK), sg(b_NxKxN)).astype(a_NxMxK.dtype)
+  return _matmul_grad(y_NxMxN, a_NxMxK, b_NxKxN)
+
+
 class MixedDense(nn.Module):
   """A Dense layer for half-precision compute that hands its float32 master kernel to `mixed_dot_general`.
 

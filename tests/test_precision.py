@@ -12,11 +12,11 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jfast.data import BatchingConfig
+from jfast.data import BatchingConfig, batch_from_rows
 from jfast.loop import LoopConfig, fit
 from jfast.loss_scale import DynamicLossScale, NoOpLossScale
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, load_hf_bert
-from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general
+from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general, mixed_matmul
 from jfast.train import classification_loss, create_train_state, make_train_step
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
@@ -205,14 +205,20 @@ def test_fp16_gradients_underflow_without_scaling_and_train_with_it():
   assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
 
 
-def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
-  """The operand dtypes of every dot in optimised HLO text (operands are fusion parameters or local values)."""
+def _dot_operand_types(hlo: str, op_filter: str = "") -> list[tuple[str, ...]]:
+  """The operand dtypes of every dot in optimised HLO text (operands are fusion parameters or local values).
+
+  With ``op_filter``, only the dots whose source op name contains it (e.g. ``encoder_layer``).
+  """
   found = []
   for comp in re.split(r"\n(?=%?[\w.-]+ \(.*\) -> .* \{)", hlo):
     head = comp.split("\n", 1)[0]
-    for operands in re.findall(r" dot\(%([\w.-]+), %([\w.-]+)\)", comp):
+    for line in comp.split("\n"):
+      operands = re.search(r" dot\(%([\w.-]+), %([\w.-]+)\)", line)
+      if not operands or op_filter not in line:
+        continue
       types = []
-      for name in operands:
+      for name in operands.groups():
         m = re.search(rf"\b{re.escape(name)}: (\w+)\[", head) or re.search(rf"%{re.escape(name)} = (\w+)\[", comp)
         types.append(m.group(1) if m else "?")
       found.append(tuple(types))
@@ -244,6 +250,46 @@ def test_mixed_dot_general_gradients_and_cpu_kernels():
   operand_types = _dot_operand_types(mixed.lower(x, w).compile().as_text())
   if ("bf16", "bf16") not in operand_types:
     pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
+  assert set(operand_types) == {("bf16", "bf16")}, operand_types
+
+
+def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16():
+  rng = np.random.default_rng(2)
+  a = rng.normal(size=(3, 4, 24, 32))
+  b = rng.normal(size=(3, 4, 32, 40))
+  g = rng.normal(size=(3, 4, 24, 40))
+  a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+
+  def loss(a, b):
+    return jnp.sum(mixed_matmul(a, b).astype(jnp.float32) * g)
+
+  y = mixed_matmul(a16, b16)
+  da, db = jax.jit(jax.grad(loss, (0, 1)))(a16, b16)
+  assert y.dtype == da.dtype == db.dtype == BF16
+  a64, b64 = np.asarray(a16, np.float64), np.asarray(b16, np.float64)
+  g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)  # the cotangent reaches the dots rounded to bf16
+  for got, want in ((y, a64 @ b64), (da, g64 @ np.swapaxes(b64, -1, -2)), (db, np.swapaxes(a64, -1, -2) @ g64)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0.02, atol=0.01 * np.abs(want).max())
+  np.testing.assert_array_equal(mixed_matmul(jnp.asarray(a), jnp.asarray(b)), jnp.matmul(a, b))  # float32: plain
+  if jax.default_backend() != "cpu":
+    return
+  # The whole bf16 train step: Dense layers and both attention products, forward and backward, run bf16 dots
+  # (nn.Dense's autodiff or an einsum's would leave some to XLA:CPU's float32 fallback).
+  # Head width 32 and rows of 64: at TINY's sizes XLA:CPU hands some dots to float32 for their size alone (as it
+  # does the classifier's input gradient, a contraction over 2 labels, whatever the sizes: not counted).
+  policy = get_policy("bf16")
+  model = BertForSequenceClassification(
+    policy.configure(TINY.replace(hidden_size=128, intermediate_size=256)), num_labels=2
+  )
+  params = model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
+  state = create_train_state(model, params, optax.adamw(1e-3), policy=policy)
+  rows = [rng.integers(1, TINY.vocab_size, size=n) for n in (60, 41, 64, 33, 50, 64, 20, 64)]
+  batch = batch_from_rows(rows, rng.integers(0, 2, size=8), 64, pad_id=0)
+  step = make_train_step(classification_loss(model), policy=policy)
+  operand_types = _dot_operand_types(step.lower(state, batch).compile().as_text(), "encoder_layer")
+  if ("bf16", "bf16") not in operand_types:
+    pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
+  assert len(operand_types) == 2 * (6 * 3 + 2 * 3), operand_types  # 6 Dense + 2 attention products, 3 dots each
   assert set(operand_types) == {("bf16", "bf16")}, operand_types
 
 
