@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,10 +165,18 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if "jax" not in sys.modules:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    flags = f"{flags} --xla_force_host_platform_device_count={args.devices}".strip()
+    if "jax" in sys.modules:
+      # Imported already (by `jfast experiment parallel`, whose run folder records the devices): XLA read its flags
+      # when it started, so the simulated devices need a fresh process.
+      argv = list(argv if argv is not None else sys.argv[1:])
+      subprocess.run(
+        [sys.executable, "-m", "experiments.parallel", *argv], env={**os.environ, "XLA_FLAGS": flags}, check=True
+      )
+      return json.loads((Path(args.output) / "results.json").read_text())
+    os.environ["XLA_FLAGS"] = flags
   import jax
 
   models = [m for m in args.models.split(",") if m]

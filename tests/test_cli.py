@@ -211,3 +211,22 @@ def test_the_default_teacher_is_made_only_when_it_is_the_default(tmp_path, monke
   assert len(made) == 1
   with pytest.raises(FileNotFoundError, match="no fine-tuned model"):
     teacher.ensure_teacher(tmp_path / "elsewhere")
+
+
+def test_parallel_gets_its_simulated_devices_even_after_jax_started(tmp_path, monkeypatch):
+  # jax is imported (the test process, like `jfast experiment parallel`, started it with one CPU device): the
+  # experiment must rerun itself in a fresh process with the device-count flag rather than skip every strategy.
+  from experiments import parallel
+
+  calls = []
+
+  def fake_run(cmd, env, check):
+    calls.append((cmd, env["XLA_FLAGS"]))
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"device_count": 8}, "rows": []}))
+
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setattr(parallel.subprocess, "run", fake_run)
+  result = parallel.main(["--models", "bert-base", "--output", str(tmp_path)])
+  assert result["meta"]["device_count"] == 8
+  assert calls[0][0][1:] == ["-m", "experiments.parallel", "--models", "bert-base", "--output", str(tmp_path)]
+  assert "--xla_force_host_platform_device_count=8" in calls[0][1]
