@@ -1,6 +1,7 @@
 """Every batching strategy, fine-tuning the real MiniLM, on SST-2 (short phrases) and AG News (long tail).
 
-    python -m experiments.padding                                    # CPU-sized subsets, ~15 minutes on 2 cores
+    python -m experiments.padding                                    # CPU-sized subsets, 48 min on 2 shared cores
+    python -m experiments.padding --strategies packed bucket         # a quick look: two strategies
     python -m experiments.padding --train-examples sst2=0,agnews=0   # full training sets (a GPU run)
 
 For each (dataset, strategy) it trains one epoch from the same pretrained weights with the same optimizer and seed,
