@@ -87,20 +87,26 @@ def _cast_floating(tree, dtype: np.dtype):
   return jax.tree.map(cast, tree)
 
 
-def _physical_transpose(a_IxJ):
-  # XLA turns a transpose into a layout change (a column-major view), and XLA:CPU's bf16 library path (YNNPACK)
-  # takes row-major operands only: it upcasts a dot on a transposed view to float32. Flattening forces a physical
-  # copy, and the barrier keeps the simplifier from folding the reshapes away again.
-  flat = jax.lax.optimization_barrier(a_IxJ.T.reshape(-1))
-  return flat.reshape(a_IxJ.shape[1], a_IxJ.shape[0])
+def row_major(x: jax.Array) -> jax.Array:
+  """``x`` unchanged in value; under bf16 on CPU, a physical row-major copy of it (e.g. after a transpose).
+
+  XLA folds a transpose into a layout (a strided view), and XLA:CPU's bf16 matmul kernel (YNNPACK) takes row-major
+  operands only: it upcasts a dot on a transposed view to float32. Flattening forces a physical copy, and the
+  barrier keeps the simplifier from folding the reshapes away again. GPU matmul libraries read transposed operands
+  directly, and XLA:CPU has no float16 kernel at all, so other platforms and dtypes get ``x`` as it is.
+  """
+  if x.dtype != jnp.bfloat16:
+    return x
+
+  def physical(a):
+    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+  return jax.lax.platform_dependent(x, cpu=physical, default=lambda a: a)
 
 
-def _row_major_transpose(a_IxJ):
-  # GPU matmul libraries read transposed operands directly, so only the CPU lowering pays for the copy, and only
-  # for bf16: XLA:CPU has no float16 library kernel and upcasts float16 dots whatever their layout.
-  if a_IxJ.dtype != jnp.bfloat16:
-    return a_IxJ.T
-  return jax.lax.platform_dependent(a_IxJ, cpu=_physical_transpose, default=lambda a: a.T)
+def _row_major_transpose(a_NxIxJ):
+  """The last two axes swapped, as a row-major copy where that matters (`row_major`)."""
+  return row_major(jnp.swapaxes(a_NxIxJ, -1, -2))
 
 
 @jax.custom_vjp
@@ -173,25 +179,6 @@ def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   return _dense_dot(lhs.reshape(-1, lhs.shape[-1]), rhs).reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
-def row_major(x: jax.Array) -> jax.Array:
-  """``x`` unchanged in value; under bf16 on CPU, a physical row-major copy of it (e.g. after a transpose).
-
-  XLA folds a transpose into a layout (a strided view), and XLA:CPU's bf16 matmul kernel takes row-major operands
-  only; other platforms, and other dtypes, get ``x`` as it is.
-  """
-  if x.dtype != jnp.bfloat16:
-    return x
-
-  def physical(a):
-    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
-
-  return jax.lax.platform_dependent(x, cpu=physical, default=lambda a: a)
-
-
-def _swap_last_two(a_NxIxJ):
-  return row_major(jnp.swapaxes(a_NxIxJ, -1, -2))
-
-
 def _bmm(a_NxMxK, b_NxKxN):
   batch = tuple(range(a_NxMxK.ndim - 2))
   dims = (((a_NxMxK.ndim - 1,), (b_NxKxN.ndim - 2,)), (batch, batch))
@@ -213,8 +200,8 @@ def _matmul_grad_bwd(res, g_NxMxN):
   a_NxMxK, b_NxKxN = res
   # The barrier inside row_major also keeps XLA from folding the cast into the dot (it would then run in float32).
   g_NxMxN = row_major(g_NxMxN.astype(a_NxMxK.dtype))
-  da = _bmm(g_NxMxN, _swap_last_two(b_NxKxN)).astype(a_NxMxK.dtype)
-  db = _bmm(_swap_last_two(a_NxMxK), g_NxMxN).astype(b_NxKxN.dtype)
+  da = _bmm(g_NxMxN, _row_major_transpose(b_NxKxN)).astype(a_NxMxK.dtype)
+  db = _bmm(_row_major_transpose(a_NxMxK), g_NxMxN).astype(b_NxKxN.dtype)
   return jnp.zeros_like(g_NxMxN), da, db
 
 
