@@ -3,6 +3,7 @@
 from jfast import optim
 from jfast.attention import AttentionConfig, blockwise_attention, sliding_window_attention
 from jfast.checkpoint import Checkpointer
+from jfast.clipping import clip_by_global_norm
 from jfast.data import Batch, BatchingConfig, make_batches, padding_efficiency
 from jfast.distill import DistillConfig, TeacherBatch, make_distill_step, student_from_teacher
 from jfast.loop import FitResult, LoopConfig, evaluate, fit
@@ -68,6 +69,7 @@ __all__ = [
   "blockwise_attention",
   "calibrate",
   "classification_loss",
+  "clip_by_global_norm",
   "create_train_state",
   "evaluate",
   "extend_position_embeddings",

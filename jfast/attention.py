@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jfast.dropout import keep_mask
 from jfast.precision import mixed_matmul, row_major
 
 ATTENTION_KINDS = ("dense", "sliding_window", "blockwise")
@@ -153,7 +154,7 @@ def dense_attention(
   logits_BxHxLxL = jnp.where(mask, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
   probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(v_BxLxHxD.dtype)
   if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxLxL.shape)
+    keep = keep_mask(dropout_rng, dropout_rate, probs_BxHxLxL.shape)
     probs_BxHxLxL = jnp.where(keep, probs_BxHxLxL / (1.0 - dropout_rate), 0).astype(v_BxLxHxD.dtype)
   if half:
     v_BxHxLxD = row_major(jnp.transpose(v_BxLxHxD, (0, 2, 1, 3)))
@@ -195,7 +196,7 @@ def _softmax_parts(logits, mask, keep):
 def _dropout_keep(rng, rate, shape):
   if rng is None or rate == 0.0:
     return None
-  return jax.random.bernoulli(rng, 1.0 - rate, shape)
+  return keep_mask(rng, rate, shape)
 
 
 def _local_part(q, k, v, seg, *, chunk, reach, window, causal, scale, keep_rng, rate):

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jfast import freezing, sharding
 from jfast.accumulation import accumulate_gradients
+from jfast.clipping import clip_by_global_norm
 from jfast.data.batch import Batch
 from jfast.loss_scale import LossScale, NoOpLossScale, all_finite, resolve_loss_scale
 from jfast.optim import adamw_8bit
@@ -82,6 +83,8 @@ class OptimizerConfig:
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
     if not 0 <= self.warmup_ratio < 1:
       raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+    if not self.max_grad_norm > 0:
+      raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
 
 
 def _decay_mask(params):
@@ -91,7 +94,7 @@ def _decay_mask(params):
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  """Builds the optimizer chain: clip -> AdamW (decay masked to weight matrices) under a warm-up/decay schedule.
+  """Builds the optimizer chain: clip (`jfast.clipping`) -> AdamW (decay masked to weight matrices) under a warm-up/decay schedule.
 
   Args:
     config: optimizer hyper-parameters.
@@ -128,7 +131,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     adam = optax.adamw(
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask
     )
-  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
+  return optax.chain(clip_by_global_norm(config.max_grad_norm), adam)
 
 
 def create_train_state(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from jfast.dropout import Dropout
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.precision import MixedDense
 from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
@@ -156,7 +157,7 @@ class BertEmbeddings(nn.Module):
       for emb, ids in ((words, input_ids_BxL), (positions, position_ids_BxL), (types, token_type_ids_BxL))
     )
     x_BxLxD = _layer_norm(cfg, "LayerNorm")(x_BxLxD)
-    return nn.Dropout(cfg.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
+    return Dropout(cfg.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
 
 
 class BertLayer(nn.Module):
@@ -179,13 +180,13 @@ class BertLayer(nn.Module):
     )
     attn_BxLxD = _dense(cfg, cfg.hidden_size, "attention_output")(attn_BxLxHxD.reshape(batch, length, -1))
     attn_BxLxD = checkpoint_name(attn_BxLxD, "attention_out")
-    attn_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
+    attn_BxLxD = Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
     h_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
 
     mlp_BxLxF = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, ffn, "intermediate")(h_BxLxD))
     mlp_BxLxF = checkpoint_name(mlp_BxLxF, "mlp_hidden")
     out_BxLxD = _dense(cfg, cfg.hidden_size, "output")(mlp_BxLxF)
-    out_BxLxD = nn.Dropout(cfg.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
+    out_BxLxD = Dropout(cfg.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
     out_BxLxD = _layer_norm(cfg, "output_norm")(h_BxLxD + out_BxLxD)
     return checkpoint_name(out_BxLxD, "layer_out")
 
@@ -295,7 +296,7 @@ class BertForSequenceClassification(nn.Module):
       cls_positions=cls_positions,
       deterministic=deterministic,
     )
-    pooled = nn.Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
+    pooled = Dropout(self.config.hidden_dropout_prob)(pooled, deterministic=deterministic)
     logits = _dense(self.config, self.num_labels, "classifier")(pooled)
     return logits.astype(jnp.float32)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from jfast.dropout import Dropout
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.models.bert import _ACTIVATIONS, _DTYPES, _RematLayerNorm
 from jfast.precision import MixedDense, mixed_dot_general
@@ -192,9 +193,9 @@ class GPTBlock(nn.Module):
     attn_BxLxD = GPTAttention(cfg, name="attn")(
       _layer_norm(cfg, "ln_1")(x_BxLxD), segment_ids_BxL, position_ids_BxL, deterministic
     )
-    x_BxLxD = x_BxLxD + nn.Dropout(cfg.resid_pdrop)(attn_BxLxD, deterministic=deterministic)
+    x_BxLxD = x_BxLxD + Dropout(cfg.resid_pdrop)(attn_BxLxD, deterministic=deterministic)
     mlp_BxLxD = GPTMLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD))
-    x_BxLxD = x_BxLxD + nn.Dropout(cfg.resid_pdrop)(mlp_BxLxD, deterministic=deterministic)
+    x_BxLxD = x_BxLxD + Dropout(cfg.resid_pdrop)(mlp_BxLxD, deterministic=deterministic)
     return checkpoint_name(x_BxLxD, "layer_out")
 
 
@@ -245,7 +246,7 @@ class GPT(nn.Module):
     # A no-op unless a "perturbations" collection is passed: then jax.grad reaches the per-position input vectors
     # (how the tests check causality and packing isolation through gradients).
     x_BxLxD = self.perturb("embeddings", x_BxLxD)
-    x_BxLxD = nn.Dropout(cfg.embd_pdrop)(x_BxLxD, deterministic=deterministic)
+    x_BxLxD = Dropout(cfg.embd_pdrop)(x_BxLxD, deterministic=deterministic)
     block_cls = _block_class(cfg)
     for i in range(cfg.n_layer):
       x_BxLxD = block_cls(cfg, name=f"h_{i}")(x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic)
