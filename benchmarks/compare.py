@@ -26,6 +26,7 @@ import numpy as np
 
 from benchmarks import common, data, report
 from benchmarks.configs import CONFIGS, DEFAULT_CONFIGS, MFU_CONFIGS, MODELS, TASKS, RunSpec, specs_for
+from jfast.hugepages import hugepage_env
 
 REPO = Path(__file__).resolve().parent.parent
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -45,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--threads", type=int, default=None, help="CPU threads per side (default: all cores)")
   p.add_argument("--sides", default="jax,torch", help="which sides to run (default both)")
   p.add_argument("--repeats", type=int, default=1, help="runs per side and configuration (medians reported)")
+  p.add_argument(
+    "--hugepages",
+    choices=("jax", "torch", "both", "none"),
+    default="jax",
+    help="sides started with glibc.malloc.hugetlb=1 (jfast.hugepages; default: jfast's, which it speeds up, not "
+    "PyTorch's, which it slowed down here)",
+  )
   p.add_argument(
     "--min-cpu-share",
     type=float,
@@ -140,8 +148,11 @@ def prepare(args, specs: dict[str, dict[str, RunSpec]], path: Path) -> dict:
   }
 
 
-def run_side(spec: RunSpec, data_path: Path, work: Path, log_dir: Path, timeout: int) -> dict:
-  """Runs one side in a fresh process and returns its result (or ``{"error": ...}``)."""
+def run_side(spec: RunSpec, data_path: Path, work: Path, log_dir: Path, timeout: int, hugepages: bool = False) -> dict:
+  """Runs one side in a fresh process and returns its result (or ``{"error": ...}``).
+
+  ``hugepages`` starts the child with glibc's huge-page tunable (`jfast.hugepages`), and without it otherwise.
+  """
   tag = f"{spec.config}.{spec.side}"
   spec_file, out_file = work / f"{tag}.spec.json", work / f"{tag}.result.json"
   spec_file.write_text(spec.to_json())
@@ -150,6 +161,7 @@ def run_side(spec: RunSpec, data_path: Path, work: Path, log_dir: Path, timeout:
   cmd += ["--out", str(out_file)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env = hugepage_env(env, enabled=hugepages)
   t0 = time.perf_counter()
   with (log_dir / f"{tag}.log").open("w") as log:
     try:
@@ -179,7 +191,8 @@ def run_contended(spec: RunSpec, data_path: Path, work: Path, log_dir: Path, arg
       time.sleep(10)  # let a neighbour's burst pass before trying again
     if args.wait_idle:
       wait_for_idle(args.wait_idle)
-    result = run_side(spec, data_path, work, log_dir, args.timeout)
+    hugepages = args.hugepages == "both" or args.hugepages == spec.side
+    result = run_side(spec, data_path, work, log_dir, args.timeout, hugepages=hugepages)
     attempts.append(result)
     if "error" in result or result["device"] != "cpu" or not args.min_cpu_share:
       break
@@ -267,6 +280,7 @@ def main(argv=None) -> dict:
     warmup=args.warmup,
     repeats=args.repeats,
     threads=args.threads,
+    hugepages=args.hugepages,
     device=first.get("device", "cpu") if first.get("device", "cpu") != "cpu" else f"CPU ({_cpu_name()})",
     cores=os.cpu_count(),
     peak_tflops=peak_tflops,

@@ -137,6 +137,13 @@ def _pair(row: dict, key: str, fmt: str) -> tuple[str, str]:
   return out[0], out[1]
 
 
+def _hugepages_note(which: str | None) -> str:
+  if not which:
+    return ""
+  sides = {"jax": "the jfast side", "torch": "the PyTorch side", "both": "both sides", "none": "neither side"}[which]
+  return f" glibc huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, jfast.hugepages): {sides}."
+
+
 def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, Any]) -> str:
   """The side-by-side table (J = jfast, T = PyTorch) with the best-vs-best line and the run's settings."""
   full = meta["full"]
@@ -172,7 +179,8 @@ def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, A
   out = [
     f"Task {meta['task']}, model {meta['model']}, device {meta['device']}, {meta['threads']} threads per side, "
     f"{length} per run, "
-    f"{meta['repeats']} repeat(s). J = jfast, T = PyTorch; n/a = no form of the technique on that side yet.",
+    f"{meta['repeats']} repeat(s). J = jfast, T = PyTorch; n/a = no form of the technique on that side yet."
+    + _hugepages_note(meta.get("hugepages")),
     "",
     *lines,
     "",

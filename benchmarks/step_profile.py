@@ -3,6 +3,8 @@
     python -m benchmarks.step_profile --config grouped_bf16            # per-category op time from a profiler trace
     python -m benchmarks.step_profile --config packed_bf16 --ab dropout  # flax's Dropout vs jfast.dropout, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
+    python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
+    python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
 `make_train_step` with the precision policy). Profile mode traces a few steps with `jax.profiler` (XLA:CPU emits one
@@ -10,12 +12,17 @@ event per thunk with ``--xla_cpu_enable_xprof_traceme``) and sums each op's time
 categories read from the HLO metadata: matrix products, dropout masks, the embedding gradient, dtype casts, layout
 copies, optimizer update and the remaining forward / backward elementwise work. A/B mode builds both variants of
 the step in one process and alternates them step by step, so machine noise hits both alike; medians after warm-up.
+``--ab hugepages`` cannot share a process (glibc reads the tunable at start): it alternates fresh processes with and
+without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), three of each, and reports each median.
+``--side torch`` profiles the PyTorch step of the same config on the same batches with `torch.profiler`, by the
+same categories (self time of each aten op, which on the calling thread is wall time, not summed over threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import os
 import re
@@ -47,12 +54,19 @@ def _spec(config: str) -> RunSpec:
   return specs_for(row, {})["jax"]
 
 
-def _batches(spec: RunSpec, n: int = 12):
-  """The first ``n`` batches of the epoch that share the first batch's shape (one compilation)."""
+def _chosen(spec: RunSpec, n: int = 12):
+  """The first ``n`` batches of the epoch that share the first batch's shape (one compilation), with the examples
+  and the batch plan of just those batches (so the PyTorch side can train on the same sentences)."""
   train, _ = data.load_task(spec.task, max_train_examples=4000)
   epoch = data.make_epoch(train, spec)
   shape = epoch.batches[0].input_ids.shape
-  return [b for b in epoch.batches if b.input_ids.shape == shape][:n]
+  picked = [k for k, b in enumerate(epoch.batches) if b.input_ids.shape == shape][:n]
+  plan = data.Plan([epoch.example_index[k] for k in picked], [shape[1]] * len(picked))
+  return [epoch.batches[k] for k in picked], train, plan
+
+
+def _batches(spec: RunSpec, n: int = 12):
+  return _chosen(spec, n)[0]
 
 
 def _op_names(hlo: str) -> dict[str, tuple[str, str]]:
@@ -122,8 +136,9 @@ def profile(spec: RunSpec, steps: int, top: int) -> str:
     per_cat[categorize(name, names[name][1])] += ms
   total = sum(per_cat.values())
   shape = "x".join(map(str, batches[0].input_ids.shape))
+  tokens = sum(b.num_real_tokens for b in batches[:steps]) / min(steps, len(batches))
   lines = [
-    f"`{spec.config}`, batches {shape}: {wall * 1e3:.1f} ms wall per step, {total:.1f} ms of op time summed over "
+    f"jfast `{spec.config}`, batches {shape} ({tokens:.0f} real tokens a step on average): {wall * 1e3:.1f} ms wall per step, {total:.1f} ms of op time summed over "
     f"the worker threads ({total / wall / 1e3:.2f} threads busy on average).",
     "",
     "| category | ms per step (thread time) | share |",
@@ -134,6 +149,76 @@ def profile(spec: RunSpec, steps: int, top: int) -> str:
   for name, ms in per_op.most_common(top):
     shp, op = names[name]
     lines.append(f"| {ms:.2f} | `{name}` | `{shp[:32]}` | {categorize(name, op)} | `{op[-70:]}` |")
+  return "\n".join(lines)
+
+
+def _torch_category(op: str) -> str:
+  if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm") or "mkldnn" in op or "linear" in op:
+    return "matrix products"
+  if "dropout" in op or "bernoulli" in op:
+    return "dropout masks"
+  if "embedding" in op and "backward" in op:
+    return "embedding gradient"
+  if op in ("aten::copy_", "aten::to", "aten::_to_copy"):
+    return "dtype casts"
+  if op in ("aten::contiguous", "aten::clone", "aten::transpose", "aten::t", "aten::permute"):
+    return "layout copies"
+  if "adam" in op or "foreach" in op or op in ("aten::_foreach_norm", "aten::linalg_vector_norm"):
+    return "optimizer update"
+  return "other (forward and backward)"
+
+
+def _torch_step(spec: RunSpec):
+  """The PyTorch step of ``spec``'s config on the same sentences as `_chosen`: ``(train_step, step_batches)``."""
+  import torch
+
+  from benchmarks import torch_runner
+
+  torch_spec = specs_for(CONFIGS[spec.config], {})["torch"]
+  torch.set_num_threads(len(os.sched_getaffinity(0)))  # as pinned by --threads
+  _, train, plan = _chosen(spec)
+  if plan.slots[0].shape[1] != 1:
+    raise SystemExit(f"{spec.config} packs several sentences a row; PyTorch BERT has no packed form to profile")
+  step_batches, _ = torch_runner.make_steps(dataclasses.replace(torch_spec, warmup=3, steps=9), train, plan)
+  model = torch_runner.build_model(torch_spec, data.NUM_LABELS[spec.task])
+  model.train()
+  opt, sched = torch_runner.build_optimizer(torch_spec, model, total_steps=1000)
+  params = [p for p in model.parameters() if p.requires_grad]
+  amp = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[torch_spec.dtype]
+  scaler = torch.amp.GradScaler("cpu", enabled=amp is torch.float16)
+  return torch_runner.make_train_step(model, opt, sched, scaler, params, torch.device("cpu"), amp), step_batches
+
+
+def profile_torch(spec: RunSpec, steps: int, top: int) -> str:
+  from torch.profiler import ProfilerActivity
+  from torch.profiler import profile as torch_profile
+
+  train_step, step_batches = _torch_step(spec)
+  for micros in step_batches[:3]:
+    train_step(micros)
+  with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    t0 = time.perf_counter()
+    for i in range(steps):
+      train_step(step_batches[3 + i % (len(step_batches) - 3)])
+    wall = (time.perf_counter() - t0) / steps
+  per_op = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+  per_cat = collections.Counter()
+  for op, ms in per_op.items():
+    per_cat[_torch_category(op)] += ms
+  total = sum(per_cat.values())
+  tokens = sum(int(m.attention_mask.sum()) for micros in step_batches[3:] for m in micros) / (len(step_batches) - 3)
+  lines = [
+    f"PyTorch `{spec.config}` (the same examples, padded by its collator; {tokens:.0f} real tokens a step on "
+    f"average): {wall * 1e3:.1f} ms wall per step, {total:.1f} ms of aten self time.",
+    "",
+    "| category | ms per step (self time) | share |",
+    "|---|---|---|",
+  ]
+  cats = (*CATEGORIES[:6], "other (forward and backward)")
+  lines += [f"| {c} | {per_cat[c]:.1f} | {per_cat[c] / total:.0%} |" for c in cats if per_cat[c]]
+  lines += ["", f"Top {top} ops:", "", "| ms | op | category |", "|---|---|---|"]
+  for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+    lines.append(f"| {ms:.2f} | `{op}` | {_torch_category(op)} |")
   return "\n".join(lines)
 
 
@@ -186,22 +271,97 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
   return "\n".join(lines)
 
 
+def step_time(spec: RunSpec, side: str, steps: int) -> float:
+  """Median seconds of the plain step (jfast's compiled step, or the PyTorch step) after 3 warm-up steps."""
+  if side == "torch":
+    run, steps_ = _torch_step(spec)
+    batches = [steps_[i % len(steps_)] for i in range(3 + steps)]
+    block = lambda out: None  # noqa: E731
+  else:
+    import jax
+
+    from benchmarks.jax_runner import build_model, build_step
+
+    chosen = _batches(spec)
+    model, params = build_model(spec, data.NUM_LABELS[spec.task])
+    state, step = build_step(spec, model, params, 1000)
+    compiled = step.lower(state, chosen[0]).compile()
+    holder = [state]
+
+    def run(batch):
+      holder[0], _ = compiled(holder[0], batch)
+      return holder[0]
+
+    batches = [chosen[i % len(chosen)] for i in range(3 + steps)]
+    block = jax.block_until_ready
+  times = []
+  for batch in batches:
+    t0 = time.perf_counter()
+    block(run(batch))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times[3:])
+
+
+def ab_hugepages(args) -> str:
+  """Fresh processes alternated with and without the glibc tunable; each reports its median step."""
+  import subprocess
+
+  from jfast.hugepages import hugepage_env
+
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JFAST_HUGEPAGES")}
+  envs = {"4 KiB pages (default)": base, "glibc.malloc.hugetlb=1": hugepage_env(base)}
+  cmd = [sys.executable, "-m", "benchmarks.step_profile", "--config", args.config, "--side", args.side]
+  cmd += ["--time-only", "--steps", str(args.steps or 12), "--threads", str(args.threads)]
+  runs = {name: [] for name in envs}
+  for _ in range(3):
+    for name, env in envs.items():
+      out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+      runs[name].append(float(out))
+  base_median = statistics.median(next(iter(runs.values())))
+  who = "PyTorch" if args.side == "torch" else "jfast"
+  lines = [f"{who} `{args.config}`, 3 fresh processes each, alternated; median step of each process (ms):", ""]
+  lines += ["| allocation | process medians (ms) | median | vs first |", "|---|---|---|---|"]
+  for name, values in runs.items():
+    m = statistics.median(values)
+    lines.append(
+      f"| {name} | {', '.join(f'{v * 1e3:.1f}' for v in values)} | {m * 1e3:.1f} | {base_median / m:.2f}x |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="grouped_bf16", help="a jfast config of benchmarks.configs")
-  p.add_argument("--ab", choices=("dropout", "clip"), help="time two variants side by side instead of profiling")
+  p.add_argument("--ab", choices=("dropout", "clip", "hugepages"), help="time two variants instead of profiling")
+  p.add_argument("--time-only", action="store_true", help="print the plain step's median seconds and exit")
+  p.add_argument("--side", choices=("jax", "torch"), default="jax", help="profile jfast's step or PyTorch's")
   p.add_argument("--steps", type=int, default=None, help="steps traced (profile: 5) or timed per side (A/B: 20)")
   p.add_argument("--top", type=int, default=25, help="ops listed one by one")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--out", default=None, help="also write the markdown here")
   args = p.parse_args(argv)
-  if not args.ab and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+  if (
+    not args.ab
+    and not args.time_only
+    and args.side == "jax"
+    and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", "")
+  ):
     # Per-thunk trace events exist only with this flag, and XLA reads its flags once: rerun with it set.
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme").strip()}
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks.step_profile", *(argv or sys.argv[1:])], env)
   common.pin_threads(args.threads)
   spec = _spec(args.config)
-  text = ab(spec, args.ab, args.steps or 20) if args.ab else profile(spec, args.steps or 5, args.top)
+  if args.time_only:
+    print(step_time(spec, args.side, args.steps or 12))
+    return
+  if args.ab == "hugepages":
+    text = ab_hugepages(args)
+  elif args.ab:
+    text = ab(spec, args.ab, args.steps or 20)
+  elif args.side == "torch":
+    text = profile_torch(spec, args.steps or 5, args.top)
+  else:
+    text = profile(spec, args.steps or 5, args.top)
   print(text)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -148,26 +148,13 @@ def make_steps(spec: RunSpec, train: data.Examples, plan: data.Plan | None) -> t
   return steps, epoch_steps
 
 
-def run(spec: RunSpec, train: data.Examples, dev: data.Examples | None, plan, dev_plan) -> dict:
+def make_train_step(forward, opt, sched, scaler, params, device, amp_dtype):
+  """One optimizer step over a list of micro-batches: autocast forward, scaled backward, clip, step, schedule.
+
+  Returns ``train_step(micros) -> (loss_sum, correct, examples)``; ``forward`` is the model or its compiled form.
+  """
   import torch
   import torch.nn.functional as F
-  import transformers
-
-  torch.set_num_threads(spec.threads)
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  t_setup = time.perf_counter()
-  steps, epoch_steps = make_steps(spec, train, plan)
-  model = build_model(spec, data.NUM_LABELS[spec.task]).to(device)
-  model.train()
-  opt, sched = build_optimizer(spec, model, total_steps=epoch_steps)
-  params = [p for p in model.parameters() if p.requires_grad]
-  amp_dtype = getattr(torch, _AMP[spec.dtype]) if _AMP[spec.dtype] else None
-  scaler = torch.amp.GradScaler(device.type, enabled=spec.dtype == "float16")
-  forward = torch.compile(model) if spec.compile else model
-  setup_s = time.perf_counter() - t_setup
-  rss_setup = common.rss_mb()
-  if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
 
   def train_step(micros: list[Micro]):
     examples = sum(int(m.labels.shape[0]) for m in micros)
@@ -190,6 +177,31 @@ def run(spec: RunSpec, train: data.Examples, dev: data.Examples | None, plan, de
     sched.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum, correct, examples
+
+  return train_step
+
+
+def run(spec: RunSpec, train: data.Examples, dev: data.Examples | None, plan, dev_plan) -> dict:
+  import torch
+  import transformers
+
+  torch.set_num_threads(spec.threads)
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  t_setup = time.perf_counter()
+  steps, epoch_steps = make_steps(spec, train, plan)
+  model = build_model(spec, data.NUM_LABELS[spec.task]).to(device)
+  model.train()
+  opt, sched = build_optimizer(spec, model, total_steps=epoch_steps)
+  params = [p for p in model.parameters() if p.requires_grad]
+  amp_dtype = getattr(torch, _AMP[spec.dtype]) if _AMP[spec.dtype] else None
+  scaler = torch.amp.GradScaler(device.type, enabled=spec.dtype == "float16")
+  forward = torch.compile(model) if spec.compile else model
+  setup_s = time.perf_counter() - t_setup
+  rss_setup = common.rss_mb()
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+
+  train_step = make_train_step(forward, opt, sched, scaler, params, device, amp_dtype)
 
   dims = model.config
   times, tokens, flops, computed, examples, compiled = [], [], [], [], [], []

@@ -23,6 +23,7 @@ from jfast import distributed
 from jfast.attention import AttentionConfig
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.freezing import freeze_mask
+from jfast.hugepages import ensure_hugepages
 from jfast.loop import LoopConfig, evaluate, fit
 from jfast.models import init_classifier, load_hf_bert, save_hf_bert
 from jfast.precision import get_policy
@@ -240,4 +241,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  ensure_hugepages()  # re-executes once with huge pages for XLA's buffers (jfast.hugepages)
   main()

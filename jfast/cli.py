@@ -221,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  if argv is None and args.command in ("finetune", "distill"):
+    # Training runs are faster with huge pages for XLA's buffers; experiments and benchmarks set their own.
+    from jfast.hugepages import ensure_hugepages
+
+    ensure_hugepages()
   try:
     if args.command in ("finetune", "distill"):
       _finetune(args.command, args.config, args.words, args.runs)

@@ -108,3 +108,23 @@ def test_best_vs_best_compares_each_sides_fastest_epoch():
   verdict = report.best_vs_best(rows)
   assert (verdict["jax_config"], verdict["torch_config"], verdict["speedup"]) == ("b", "c", 2.5)
   assert verdict["meets_target"]
+
+
+def test_each_side_gets_its_own_hugepage_setting(tmp_path, monkeypatch):
+  from benchmarks import compare
+  from jfast.hugepages import TUNABLE
+
+  seen = {}
+
+  def fake_run(cmd, env, **kwargs):
+    seen[cmd[2]] = env.get("GLIBC_TUNABLES", "")
+    raise compare.subprocess.TimeoutExpired(cmd, 1)
+
+  monkeypatch.setattr(compare.subprocess, "run", fake_run)
+  monkeypatch.setenv("GLIBC_TUNABLES", TUNABLE)  # inherited from a re-executed parent: must not leak to PyTorch
+  for side, huge in (("jax", True), ("torch", False)):
+    spec = RunSpec(side=side, config="grouped_bf16")
+    result = compare.run_side(spec, tmp_path / "d.npz", tmp_path, tmp_path, timeout=1, hugepages=huge)
+    assert "timed out" in result["error"]
+  assert TUNABLE in seen["benchmarks.jax_runner"]
+  assert TUNABLE not in seen["benchmarks.torch_runner"]
