@@ -230,6 +230,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
 
   import jfast.attention as attention
   import jfast.models.bert as bert
+  import jfast.precision as precision
   import jfast.train as train
   from benchmarks.jax_runner import build_model, build_step
 
@@ -241,12 +242,20 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       ),
       "jfast.dropout (hash mask)": lambda: None,
     }
+  elif what == "rowmajor":
+    variants = {
+      "no row-major copies (XLA picks the layouts)": lambda: (
+        setattr(precision, "row_major", lambda x: x),
+        setattr(attention, "row_major", lambda x: x),
+      ),
+      "jfast.precision.row_major copies": lambda: None,
+    }
   else:
     variants = {
       "optax.clip_by_global_norm": lambda: setattr(train, "clip_by_global_norm", optax.clip_by_global_norm),
       "jfast.clipping.clip_by_global_norm": lambda: None,
     }
-  saved = (bert.Dropout, attention.keep_mask, train.clip_by_global_norm)
+  saved = (bert.Dropout, attention.keep_mask, train.clip_by_global_norm, precision.row_major, attention.row_major)
   batches = _batches(spec)
   model, params = build_model(spec, data.NUM_LABELS[spec.task])
   runs = {}
@@ -254,7 +263,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
     patch()
     state, step = build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), 1000)
     runs[name] = [state, step.lower(state, batches[0]).compile(), []]
-    bert.Dropout, attention.keep_mask, train.clip_by_global_norm = saved
+    bert.Dropout, attention.keep_mask, train.clip_by_global_norm, precision.row_major, attention.row_major = saved
   warmup = 4
   for i in range(warmup + steps):
     for run in runs.values():
@@ -332,7 +341,9 @@ def ab_hugepages(args) -> str:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="grouped_bf16", help="a jfast config of benchmarks.configs")
-  p.add_argument("--ab", choices=("dropout", "clip", "hugepages"), help="time two variants instead of profiling")
+  p.add_argument(
+    "--ab", choices=("dropout", "clip", "rowmajor", "hugepages"), help="time two variants instead of profiling"
+  )
   p.add_argument("--time-only", action="store_true", help="print the plain step's median seconds and exit")
   p.add_argument("--side", choices=("jax", "torch"), default="jax", help="profile jfast's step or PyTorch's")
   p.add_argument("--steps", type=int, default=None, help="steps traced (profile: 5) or timed per side (A/B: 20)")

@@ -1,0 +1,37 @@
+"""benchmarks.step_profile: op names read from compiled HLO, and the categories the profile sums into."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.step_profile import _op_names, _torch_category, categorize
+
+
+def test_op_names_come_from_the_compiled_hlo():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).standard_normal((32, 16)), jnp.float32)
+
+  def f(x, w):
+    with jax.named_scope("my_layer"):
+      return jnp.tanh(x @ w).sum()
+
+  names = _op_names(jax.jit(jax.grad(f, argnums=1)).lower(x, w).compile().as_text())
+  assert names, "no instructions parsed"
+  assert any("my_layer" in op for _, op in names.values())
+  assert all(shape for shape, _ in names.values())
+
+
+def test_categories():
+  assert categorize("ynn_fusion.3", "") == "matrix products"
+  assert categorize("fusion.1", "jit(f)/jvp(M)/layer/Dropout_0/xor") == "dropout masks"
+  assert categorize("wrapped_broadcast.1", "transpose(jvp(M))/word_embeddings/broadcast_in_dim") == (
+    "embedding gradient"
+  )
+  assert categorize("wrapped_convert.2", "jvp(M)/dense/convert_element_type") == "dtype casts"
+  assert categorize("bitcast_bitcast_fusion.4", "") == "layout copies"
+  assert categorize("add_fusion", "jit(step)/transpose(jvp(M))/layer/add") == "other backward"
+  assert categorize("add_fusion", "jit(step)/jvp(M)/layer/add") == "other forward"
+  assert categorize("multiply_add_fusion.9", "jit(step)/add") == "optimizer update"
+  assert _torch_category("aten::addmm") == "matrix products"
+  assert _torch_category("aten::_fused_adamw_") == "optimizer update"
+  assert _torch_category("aten::bernoulli_") == "dropout masks"
