@@ -100,16 +100,27 @@ def categorize(name: str, op_name: str) -> str:
   return "optimizer update"
 
 
-def profile(spec: RunSpec, steps: int, top: int) -> str:
+def _jax_step(spec: RunSpec, model=None, params=None):
+  """jfast's compiled step for ``spec`` on the `_batches`: ``(compiled, state, batches, model, params)``.
+
+  Pass ``model`` and ``params`` to build another variant of the same model (they are copied, the state is donated).
+  """
   import jax
-  from jax.profiler import ProfileData
 
   from benchmarks.jax_runner import build_model, build_step
 
   batches = _batches(spec)
-  model, params = build_model(spec, data.NUM_LABELS[spec.task])
-  state, step = build_step(spec, model, params, 1000)
-  compiled = step.lower(state, batches[0]).compile()
+  if model is None:
+    model, params = build_model(spec, data.NUM_LABELS[spec.task])
+  state, step = build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), 1000)
+  return step.lower(state, batches[0]).compile(), state, batches, model, params
+
+
+def profile(spec: RunSpec, steps: int, top: int) -> str:
+  import jax
+  from jax.profiler import ProfileData
+
+  compiled, state, batches, _, _ = _jax_step(spec)
   names = _op_names(compiled.as_text())
   for b in batches[:3]:
     state, _ = compiled(state, b)
@@ -222,6 +233,14 @@ def profile_torch(spec: RunSpec, steps: int, top: int) -> str:
   return "\n".join(lines)
 
 
+def _bernoulli_dropout(x, rate, key):
+  """flax's dropout formula with `jax.random.bernoulli`: the baseline `jfast.dropout` replaced."""
+  import jax
+  import jax.numpy as jnp
+
+  return jnp.where(jax.random.bernoulli(key, 1.0 - rate, x.shape), x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def ab(spec: RunSpec, what: str, steps: int) -> str:
   """Both variants of the step built in one process, alternated step by step."""
   import flax.linen as nn
@@ -232,13 +251,13 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
   import jfast.models.bert as bert
   import jfast.precision as precision
   import jfast.train as train
-  from benchmarks.jax_runner import build_model, build_step
 
   if what == "dropout":
     variants = {
       "flax nn.Dropout + jax.random.bernoulli": lambda: (
         setattr(bert, "Dropout", nn.Dropout),
         setattr(attention, "keep_mask", lambda key, rate, shape: jax.random.bernoulli(key, 1.0 - rate, shape)),
+        setattr(attention, "dropout", _bernoulli_dropout),
       ),
       "jfast.dropout (hash mask)": lambda: None,
     }
@@ -255,15 +274,16 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "optax.clip_by_global_norm": lambda: setattr(train, "clip_by_global_norm", optax.clip_by_global_norm),
       "jfast.clipping.clip_by_global_norm": lambda: None,
     }
-  saved = (bert.Dropout, attention.keep_mask, train.clip_by_global_norm, precision.row_major, attention.row_major)
-  batches = _batches(spec)
-  model, params = build_model(spec, data.NUM_LABELS[spec.task])
-  runs = {}
+  patched = [(bert, "Dropout"), (attention, "keep_mask"), (attention, "dropout"), (train, "clip_by_global_norm")]
+  patched += [(precision, "row_major"), (attention, "row_major")]
+  saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
+  runs, model, params = {}, None, None
   for name, patch in variants.items():
     patch()
-    state, step = build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), 1000)
-    runs[name] = [state, step.lower(state, batches[0]).compile(), []]
-    bert.Dropout, attention.keep_mask, train.clip_by_global_norm, precision.row_major, attention.row_major = saved
+    compiled, state, batches, model, params = _jax_step(spec, model, params)
+    runs[name] = [state, compiled, []]
+    for module, attr, value in saved:
+      setattr(module, attr, value)
   warmup = 4
   for i in range(warmup + steps):
     for run in runs.values():
@@ -283,30 +303,22 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
 def step_time(spec: RunSpec, side: str, steps: int) -> float:
   """Median seconds of the plain step (jfast's compiled step, or the PyTorch step) after 3 warm-up steps."""
   if side == "torch":
-    run, steps_ = _torch_step(spec)
-    batches = [steps_[i % len(steps_)] for i in range(3 + steps)]
-    block = lambda out: None  # noqa: E731
+    run, chosen = _torch_step(spec)
   else:
     import jax
 
-    from benchmarks.jax_runner import build_model, build_step
-
-    chosen = _batches(spec)
-    model, params = build_model(spec, data.NUM_LABELS[spec.task])
-    state, step = build_step(spec, model, params, 1000)
-    compiled = step.lower(state, chosen[0]).compile()
+    compiled, state, chosen, _, _ = _jax_step(spec)
     holder = [state]
 
     def run(batch):
       holder[0], _ = compiled(holder[0], batch)
-      return holder[0]
+      jax.block_until_ready(holder[0])
 
-    batches = [chosen[i % len(chosen)] for i in range(3 + steps)]
-    block = jax.block_until_ready
+  batches = [chosen[i % len(chosen)] for i in range(3 + steps)]
   times = []
   for batch in batches:
     t0 = time.perf_counter()
-    block(run(batch))
+    run(batch)
     times.append(time.perf_counter() - t0)
   return statistics.median(times[3:])
 

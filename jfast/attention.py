@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jfast.dropout import keep_mask
+from jfast.dropout import dropout, keep_mask
 from jfast.precision import mixed_matmul, row_major
 
 ATTENTION_KINDS = ("dense", "sliding_window", "blockwise")
@@ -154,8 +154,7 @@ def dense_attention(
   logits_BxHxLxL = jnp.where(mask, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
   probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(v_BxLxHxD.dtype)
   if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = keep_mask(dropout_rng, dropout_rate, probs_BxHxLxL.shape)
-    probs_BxHxLxL = jnp.where(keep, probs_BxHxLxL / (1.0 - dropout_rate), 0).astype(v_BxLxHxD.dtype)
+    probs_BxHxLxL = dropout(probs_BxHxLxL, dropout_rate, dropout_rng).astype(v_BxLxHxD.dtype)
   if half:
     v_BxHxLxD = row_major(jnp.transpose(v_BxLxHxD, (0, 2, 1, 3)))
     return jnp.swapaxes(mixed_matmul(probs_BxHxLxL, v_BxHxLxD), 1, 2)
