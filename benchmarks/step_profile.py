@@ -249,14 +249,15 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
 
   import jfast.attention as attention
   import jfast.models.bert as bert
+  import jfast.optimizer as optimizer
   import jfast.precision as precision
-  import jfast.train as train
+  import jfast.sparse_attention as sparse
 
   if what == "dropout":
     variants = {
       "flax nn.Dropout + jax.random.bernoulli": lambda: (
         setattr(bert, "Dropout", nn.Dropout),
-        setattr(attention, "keep_mask", lambda key, rate, shape: jax.random.bernoulli(key, 1.0 - rate, shape)),
+        setattr(sparse, "keep_mask", lambda key, rate, shape: jax.random.bernoulli(key, 1.0 - rate, shape)),
         setattr(attention, "dropout", _bernoulli_dropout),
       ),
       "jfast.dropout (hash mask)": lambda: None,
@@ -271,10 +272,10 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
     }
   else:
     variants = {
-      "optax.clip_by_global_norm": lambda: setattr(train, "clip_by_global_norm", optax.clip_by_global_norm),
+      "optax.clip_by_global_norm": lambda: setattr(optimizer, "clip_by_global_norm", optax.clip_by_global_norm),
       "jfast.clipping.clip_by_global_norm": lambda: None,
     }
-  patched = [(bert, "Dropout"), (attention, "keep_mask"), (attention, "dropout"), (train, "clip_by_global_norm")]
+  patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
   patched += [(precision, "row_major"), (attention, "row_major")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None

@@ -22,13 +22,33 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
 
 from jfast import train
 from jfast.data.batch import Batch
-from jfast.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from jfast.distill_losses import attention_map_loss, attention_probs, hidden_state_loss, soft_target_loss
+from jfast.models.bert import BertConfig
 from jfast.precision import Policy, get_policy
+from jfast.student import fresh_student, num_params, student_from_teacher
+
+# The losses and student builders live in their own modules and are re-exported here: one import for distillation.
+__all__ = [
+  "DistillConfig",
+  "TeacherBatch",
+  "attention_map_loss",
+  "attention_probs",
+  "check_compatible",
+  "distill_params",
+  "distillation_loss",
+  "fresh_student",
+  "hidden_state_loss",
+  "make_distill_step",
+  "num_params",
+  "precompute_teacher_logits",
+  "soft_target_loss",
+  "split_params",
+  "student_from_teacher",
+]
 
 _HIDDEN_MODULES = ("embeddings", "encoder_layer_")
 
@@ -89,70 +109,6 @@ class TeacherBatch(NamedTuple):
   labels = property(lambda self: self.batch.labels)
   cls_positions = property(lambda self: self.batch.cls_positions)
   example_mask = property(lambda self: self.batch.example_mask)
-
-
-# ---------------------------------------------------------------------------------------------------------- losses
-
-
-def soft_target_loss(student_logits, teacher_logits, temperature: float) -> jax.Array:
-  """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per example (last axis: classes), float32.
-
-  Example:
-    >>> kd_BxS = soft_target_loss(student_BxSxC, teacher_BxSxC, temperature=2.0)  # doctest: +SKIP
-  """
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  logq = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-  logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-  return temperature**2 * optax.losses.kl_divergence_with_log_targets(logq, logp)
-
-
-def _token_weights(segment_ids_BxL):
-  """(1 / length of the token's example, 0 on padding) and the same-example mask ``[B, L, L]``."""
-  seg_BxL = segment_ids_BxL
-  same_BxLxL = (seg_BxL[:, :, None] == seg_BxL[:, None, :]) & (seg_BxL[:, None, :] > 0)
-  length_BxL = same_BxLxL.sum(-1).astype(jnp.float32)
-  return jnp.where(seg_BxL > 0, 1.0 / jnp.maximum(length_BxL, 1.0), 0.0), same_BxLxL
-
-
-def hidden_state_loss(student_BxLxD, teacher_BxLxE, segment_ids_BxL, projection_DxE=None) -> jax.Array:
-  """Sum over the batch's examples of each example's mean (over its tokens and features) squared error.
-
-  Args:
-    student_BxLxD: a student layer's output.
-    teacher_BxLxE: the matched teacher layer's output.
-    segment_ids_BxL: 0 for padding, one id per example in a row (packed or not).
-    projection_DxE: maps the student's width to the teacher's; required when D != E.
-
-  Returns:
-    A float32 scalar; divide by the number of examples for the mean.
-  """
-  s = student_BxLxD.astype(jnp.float32)
-  if projection_DxE is not None:
-    s = s @ projection_DxE.astype(jnp.float32)
-  if s.shape != teacher_BxLxE.shape:
-    raise ValueError(f"student hidden states {s.shape} do not match the teacher's {teacher_BxLxE.shape}")
-  mse_BxL = jnp.mean((s - teacher_BxLxE.astype(jnp.float32)) ** 2, axis=-1)
-  weight_BxL, _ = _token_weights(segment_ids_BxL)
-  return jnp.sum(mse_BxL * weight_BxL)
-
-
-def attention_probs(q_BxLxD, k_BxLxD, segment_ids_BxL, num_heads: int) -> jax.Array:
-  """Softmax attention distributions ``[B, H, L, L]`` (float32) within each example, from query/key projections."""
-  b, length, d = q_BxLxD.shape
-  q_BxLxHxK = q_BxLxD.astype(jnp.float32).reshape(b, length, num_heads, d // num_heads)
-  k_BxLxHxK = k_BxLxD.astype(jnp.float32).reshape(b, length, num_heads, d // num_heads)
-  scores_BxHxLxL = jnp.einsum("bqhk,bthk->bhqt", q_BxLxHxK, k_BxLxHxK) / math.sqrt(d // num_heads)
-  _, same_BxLxL = _token_weights(segment_ids_BxL)
-  return jax.nn.softmax(jnp.where(same_BxLxL[:, None], scores_BxHxLxL, -1e30), axis=-1)
-
-
-def attention_map_loss(student_probs_BxHxLxL, teacher_probs_BxHxLxL, segment_ids_BxL) -> jax.Array:
-  """Sum over examples of the mean (over heads and the example's query tokens) KL(teacher || student)."""
-  p, q = teacher_probs_BxHxLxL, student_probs_BxHxLxL
-  kl_BxHxL = jnp.sum(jnp.where(p > 0, p * (jnp.log(jnp.maximum(p, 1e-30)) - jnp.log(jnp.maximum(q, 1e-30))), 0), -1)
-  weight_BxL, _ = _token_weights(segment_ids_BxL)
-  return jnp.sum(kl_BxHxL.mean(axis=1) * weight_BxL)
 
 
 # ---------------------------------------------------------------------------------------------- models and checks
@@ -401,88 +357,3 @@ def precompute_teacher_logits(
     teacher_params = policy.cast_to_param(teacher_params)
   forward = jax.jit(lambda p, b: _forward(teacher_model, p, b, internals=False, deterministic=True)[0])
   return [TeacherBatch(b, np.asarray(forward(teacher_params, b))) for b in batches]
-
-
-# ------------------------------------------------------------------------------------------------- student building
-
-
-def _check_params(config: BertConfig, encoder_params) -> None:
-  ids = jnp.zeros((1, 1), jnp.int32)
-  expected = jax.eval_shape(lambda: BertModel(config).init(jax.random.key(0), ids))["params"]
-  got = jax.tree.map(lambda x: tuple(np.shape(x)), encoder_params)
-  want = jax.tree.map(lambda s: tuple(s.shape), expected)
-  if got != want:
-    raise ValueError("teacher params do not match the teacher config (layer count, widths or names differ)")
-
-
-def student_from_teacher(
-  teacher_config: BertConfig, teacher_params: dict, layers: str | Sequence[int] = "every_other"
-) -> tuple[BertConfig, dict]:
-  """Builds a shallower student by copying some of the teacher's layers (DistilBERT's initialisation).
-
-  Embeddings, pooler and classifier head (when present) are copied too; weights are copies, not views.
-
-  Args:
-    teacher_config: the teacher's config.
-    teacher_params: `BertForSequenceClassification` params (``{"bert", "classifier"}``) or bare `BertModel` params;
-      pruned weights are fine as long as their shapes match ``teacher_config``.
-    layers: ``"every_other"`` (teacher layers 0, 2, 4, ...) or the teacher layer indices to keep, in student order.
-
-  Returns:
-    ``(student_config, student_params)`` in the structure ``teacher_params`` had.
-
-  Example:
-    >>> s_cfg, s_params = student_from_teacher(t_cfg, t_params, layers=(0, 3))  # doctest: +SKIP
-    >>> s_cfg.num_hidden_layers  # doctest: +SKIP
-    2
-  """
-  n = teacher_config.num_hidden_layers
-  if isinstance(layers, str):
-    if layers != "every_other":
-      raise ValueError(f"layers must be 'every_other' or a sequence of layer indices, got {layers!r}")
-    layers = tuple(range(0, n, 2))
-  layers = tuple(layers)
-  if not layers or any(not isinstance(i, int | np.integer) or not 0 <= i < n for i in layers):
-    raise ValueError(f"layers {layers} must be a non-empty sequence of teacher layer indices in [0, {n})")
-  has_head = "classifier" in teacher_params
-  encoder = teacher_params["bert"] if has_head else teacher_params
-  _check_params(teacher_config, encoder)
-  copy = functools.partial(jax.tree.map, lambda x: np.array(x, copy=True))
-  student = {k: copy(v) for k, v in encoder.items() if not k.startswith("encoder_layer_")}
-  for j, i in enumerate(layers):
-    student[f"encoder_layer_{j}"] = copy(encoder[f"encoder_layer_{i}"])
-  # A structurally pruned teacher has per-layer sizes: the student keeps those of the layers it copies.
-  per_layer = {
-    name: tuple(getattr(teacher_config, name)[i] for i in layers)
-    for name in ("layer_num_heads", "layer_intermediate_sizes")
-    if getattr(teacher_config, name, None) is not None
-  }
-  config = teacher_config.replace(num_hidden_layers=len(layers), **per_layer)
-  if has_head:
-    return config, {"bert": student, "classifier": copy(teacher_params["classifier"])}
-  return config, student
-
-
-def fresh_student(teacher_config: BertConfig, num_labels: int, rng, **changes) -> tuple[BertConfig, dict]:
-  """A randomly initialised smaller classifier that reads the teacher's tokens (same vocabulary).
-
-  Args:
-    teacher_config: the teacher's config; ``changes`` override its sizes (``num_hidden_layers``, ``hidden_size``,
-      ``num_attention_heads``, ``intermediate_size``...).
-    num_labels: the teacher's label count.
-    rng: a JAX key.
-
-  Returns:
-    ``(student_config, student_params)`` for `BertForSequenceClassification`.
-  """
-  if "vocab_size" in changes and changes["vocab_size"] != teacher_config.vocab_size:
-    raise ValueError("a student must keep the teacher's vocabulary (vocab_size) to learn from its outputs")
-  config = teacher_config.replace(**changes)
-  model = BertForSequenceClassification(config, num_labels=num_labels)
-  params = jax.jit(model.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-  return config, params
-
-
-def num_params(params) -> int:
-  """Number of scalar parameters in a tree."""
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))

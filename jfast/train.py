@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -21,14 +20,28 @@ from flax import struct
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from jfast import freezing, sharding
+from jfast import freezing, mesh_jit
 from jfast.accumulation import accumulate_gradients
-from jfast.clipping import clip_by_global_norm
 from jfast.data.batch import Batch
 from jfast.loss_scale import LossScale, NoOpLossScale, all_finite, resolve_loss_scale
-from jfast.optim import adamw_8bit
+from jfast.optimizer import OPTIMIZERS, OptimizerConfig, make_optimizer
 from jfast.precision import Policy, get_policy
 from jfast.sharding import ShardingRules
+
+# The optimizer lives in `jfast.optimizer`; re-exported so one import builds a state and its step.
+__all__ = [
+  "OPTIMIZERS",
+  "RNG_IMPL",
+  "CompiledStep",
+  "LossFn",
+  "OptimizerConfig",
+  "TrainState",
+  "classification_loss",
+  "create_train_state",
+  "make_eval_step",
+  "make_optimizer",
+  "make_train_step",
+]
 
 LossFn = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -52,86 +65,6 @@ class TrainState(train_state.TrainState):
 
   def dropout_key(self) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng, impl=RNG_IMPL), self.step)
-
-
-OPTIMIZERS = ("adamw", "adamw_8bit")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  """AdamW with linear warm-up and linear decay, gradient clipping, no decay on biases and norms.
-
-  ``name`` picks the AdamW: ``adamw`` (optax, float32 moments) or ``adamw_8bit`` (`jfast.optim.adamw_8bit`:
-  blockwise 8-bit moments, ``block_size`` and ``min_8bit_size`` as there).
-  """
-
-  learning_rate: float = 5e-5
-  weight_decay: float = 0.01
-  warmup_ratio: float = 0.06
-  max_grad_norm: float = 1.0
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  name: str = "adamw"
-  block_size: int = 256
-  min_8bit_size: int = 4096
-
-  def __post_init__(self):
-    if self.name not in OPTIMIZERS:
-      raise ValueError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-    if not 0 <= self.warmup_ratio < 1:
-      raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-    if not self.max_grad_norm > 0:
-      raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
-
-
-def _decay_mask(params):
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale", "embedding"), params
-  )
-
-
-def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-  """Builds the optimizer chain: clip (`jfast.clipping`) -> AdamW (decay masked to weight matrices) under a warm-up/decay schedule.
-
-  Args:
-    config: optimizer hyper-parameters.
-    total_steps: optimizer updates in the whole run (sets the schedule).
-
-  Returns:
-    An optax `GradientTransformation`.
-
-  Example:
-    >>> tx = make_optimizer(OptimizerConfig(learning_rate=3e-5), total_steps=1000)
-  """
-  if total_steps < 1:
-    raise ValueError(f"total_steps must be at least 1, got {total_steps}")
-  warmup = int(config.warmup_ratio * total_steps)
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
-      optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1)),
-    ],
-    [warmup],
-  )
-  if config.name == "adamw_8bit":
-    adam = adamw_8bit(
-      schedule,
-      b1=config.b1,
-      b2=config.b2,
-      eps=config.eps,
-      weight_decay=config.weight_decay,
-      mask=_decay_mask,
-      block_size=config.block_size,
-      min_8bit_size=config.min_8bit_size,
-    )
-  else:
-    adam = optax.adamw(
-      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask
-    )
-  return optax.chain(clip_by_global_norm(config.max_grad_norm), adam)
 
 
 def create_train_state(
@@ -186,7 +119,7 @@ def create_train_state(
     return state.replace(step=jnp.zeros((), jnp.int32))
 
   if mesh is not None:
-    return sharding.sharded_init(init, params, scale, mesh=mesh, rules=rules)
+    return mesh_jit.sharded_init(init, params, scale, mesh=mesh, rules=rules)
   if callable(params):
     make_params = params
     return jax.jit(lambda ls: init(make_params(), ls))(scale)
@@ -209,7 +142,7 @@ class CompiledStep:
     if mesh is None:
       self._jitted = jax.jit(counted, **jit_kwargs)
     else:
-      self._jitted = sharding.MeshJit(counted, mesh, rules, **jit_kwargs)
+      self._jitted = mesh_jit.MeshJit(counted, mesh, rules, **jit_kwargs)
 
   def __call__(self, *args):
     return self._jitted(*args)
@@ -421,7 +354,7 @@ def make_train_step(
   if not isinstance(micro_batches, int) or micro_batches < 1:
     raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
   if mesh is not None:
-    loss_fn = sharding.gather_params(loss_fn, mesh, rules)  # FSDP: gather weights, keep activations batch-split
+    loss_fn = mesh_jit.gather_params(loss_fn, mesh, rules)  # FSDP: gather weights, keep activations batch-split
   step = functools.partial(
     _train_step,
     loss_fn=loss_fn,
@@ -449,5 +382,5 @@ def make_eval_step(
   if param_sharding is not None or batch_sharding is not None:
     jit_kwargs.update(in_shardings=(param_sharding, batch_sharding))
   if mesh is not None:
-    loss_fn = sharding.gather_params(loss_fn, mesh, rules)
+    loss_fn = mesh_jit.gather_params(loss_fn, mesh, rules)
   return CompiledStep(functools.partial(_eval_step, loss_fn=loss_fn), mesh=mesh, rules=rules, **jit_kwargs)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jfast.attention as attention_module
+import jfast.sparse_attention as sparse_attention_module
 from jfast.attention import (
   Attention,
   AttentionConfig,
@@ -91,7 +92,7 @@ CASES = {
 @pytest.fixture
 def small_steps(monkeypatch):
   # Several steps of the kernel's loop even at these short lengths, so the step boundaries are tested too.
-  monkeypatch.setattr(attention_module, "_QUERIES_PER_STEP", 8)
+  monkeypatch.setattr(sparse_attention_module, "_QUERIES_PER_STEP", 8)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

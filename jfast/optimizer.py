@@ -1,0 +1,90 @@
+"""The default optimizer: clipped AdamW (optax or 8-bit) with warm-up and linear decay, configured by one dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+from jfast.clipping import clip_by_global_norm
+from jfast.optim import adamw_8bit
+
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with linear warm-up and linear decay, gradient clipping, no decay on biases and norms.
+
+  ``name`` picks the AdamW: ``adamw`` (optax, float32 moments) or ``adamw_8bit`` (`jfast.optim.adamw_8bit`:
+  blockwise 8-bit moments, ``block_size`` and ``min_8bit_size`` as there).
+  """
+
+  learning_rate: float = 5e-5
+  weight_decay: float = 0.01
+  warmup_ratio: float = 0.06
+  max_grad_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  name: str = "adamw"
+  block_size: int = 256
+  min_8bit_size: int = 4096
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+    if not 0 <= self.warmup_ratio < 1:
+      raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+    if not self.max_grad_norm > 0:
+      raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+
+
+def _decay_mask(params):
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale", "embedding"), params
+  )
+
+
+def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+  """Builds the optimizer chain: clip (`jfast.clipping`) -> AdamW (decay masked to weight matrices) under a warm-up/decay schedule.
+
+  Args:
+    config: optimizer hyper-parameters.
+    total_steps: optimizer updates in the whole run (sets the schedule).
+
+  Returns:
+    An optax `GradientTransformation`.
+
+  Example:
+    >>> tx = make_optimizer(OptimizerConfig(learning_rate=3e-5), total_steps=1000)
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+  warmup = int(config.warmup_ratio * total_steps)
+  schedule = optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
+      optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1)),
+    ],
+    [warmup],
+  )
+  if config.name == "adamw_8bit":
+    adam = adamw_8bit(
+      schedule,
+      b1=config.b1,
+      b2=config.b2,
+      eps=config.eps,
+      weight_decay=config.weight_decay,
+      mask=_decay_mask,
+      block_size=config.block_size,
+      min_8bit_size=config.min_8bit_size,
+    )
+  else:
+    adam = optax.adamw(
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask
+    )
+  return optax.chain(clip_by_global_norm(config.max_grad_norm), adam)
