@@ -5,6 +5,7 @@
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
+    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad]  # experiments.lm's GPT step (jfast side)
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
 `make_train_step` with the precision policy). Profile mode traces a few steps with `jax.profiler` (XLA:CPU emits one
@@ -47,10 +48,25 @@ CATEGORIES = (
 )
 
 
-def _spec(config: str) -> RunSpec:
+@dataclasses.dataclass(frozen=True)
+class GPTSpec:
+  """The jfast side of `experiments.lm` with its defaults (4-layer GPT on tiny-shakespeare, 8 x 256 tokens)."""
+
+  config: str
+  precision: str
+
+
+GPT_CONFIGS = {"gpt_fp32": "fp32", "gpt_bf16": "bf16"}
+
+
+def _spec(config: str) -> RunSpec | GPTSpec:
+  if config in GPT_CONFIGS:
+    return GPTSpec(config, GPT_CONFIGS[config])
   row = CONFIGS.get(config)
   if row is None or row.jax is None:
-    raise SystemExit(f"unknown jfast config {config!r}; try grouped_bf16, packed_bf16, grouped, packed, fixed")
+    raise SystemExit(
+      f"unknown jfast config {config!r}; try grouped_bf16, packed_bf16, grouped, packed, fixed, gpt_bf16, gpt_fp32"
+    )
   return specs_for(row, {})["jax"]
 
 
@@ -100,7 +116,24 @@ def categorize(name: str, op_name: str) -> str:
   return "optimizer update"
 
 
-def _jax_step(spec: RunSpec, model=None, params=None):
+def _gpt_step(spec: GPTSpec, config=None, params=None):
+  """`_jax_step` for the GPT of `experiments.lm`: its JaxSide's step on its first 12 training batches."""
+  import jax
+
+  from experiments import lm
+
+  args = lm.parse_args(["--precision", spec.precision, "--sides", "jfast"])
+  with tempfile.TemporaryDirectory() as tmp:
+    tok, train_rows, _ = lm.load_corpus(Path(args.data), args.vocab, args.length, args.packing, Path(tmp))
+  if config is None:
+    config = lm.gpt_config(args, tok)
+    params = jax.device_get(lm.init_gpt(config, jax.random.key(args.seed))[1])
+  side = lm.JaxSide(config, jax.tree.map(lambda x: x.copy(), params), args, 1000)
+  batches = lm.lm_batches(train_rows, args.batch_size, seed=args.seed, epoch=0)[:12]
+  return side.step_fn.lower(side.state, batches[0]).compile(), side.state, batches, config, params
+
+
+def _jax_step(spec: RunSpec | GPTSpec, model=None, params=None):
   """jfast's compiled step for ``spec`` on the `_batches`: ``(compiled, state, batches, model, params)``.
 
   Pass ``model`` and ``params`` to build another variant of the same model (they are copied, the state is donated).
@@ -108,6 +141,9 @@ def _jax_step(spec: RunSpec, model=None, params=None):
   import jax
 
   from benchmarks.jax_runner import build_model, build_step
+
+  if isinstance(spec, GPTSpec):
+    return _gpt_step(spec, model, params)
 
   batches = _batches(spec)
   if model is None:
@@ -262,6 +298,13 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       ),
       "jfast.dropout (hash mask)": lambda: None,
     }
+  elif what == "biasgrad":
+    variants = {
+      "autodiff's bias gradient (XLA reduce)": lambda: setattr(
+        precision, "add_bias", lambda y, b: y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+      ),
+      "jfast.precision.add_bias (ones @ g)": lambda: None,
+    }
   elif what == "rowmajor":
     variants = {
       "no row-major copies (XLA picks the layouts)": lambda: (
@@ -276,7 +319,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "jfast.clipping.clip_by_global_norm": lambda: None,
     }
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
-  patched += [(precision, "row_major"), (attention, "row_major")]
+  patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
   for name, patch in variants.items():
@@ -353,9 +396,13 @@ def ab_hugepages(args) -> str:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="grouped_bf16", help="a jfast config of benchmarks.configs")
   p.add_argument(
-    "--ab", choices=("dropout", "clip", "rowmajor", "hugepages"), help="time two variants instead of profiling"
+    "--config", default="grouped_bf16", help="a jfast config of benchmarks.configs, or gpt_bf16 / gpt_fp32"
+  )
+  p.add_argument(
+    "--ab",
+    choices=("dropout", "clip", "rowmajor", "biasgrad", "hugepages"),
+    help="time two variants instead of profiling",
   )
   p.add_argument("--time-only", action="store_true", help="print the plain step's median seconds and exit")
   p.add_argument("--side", choices=("jax", "torch"), default="jax", help="profile jfast's step or PyTorch's")
@@ -373,8 +420,12 @@ def main(argv=None) -> None:
     # Per-thunk trace events exist only with this flag, and XLA reads its flags once: rerun with it set.
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme").strip()}
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks.step_profile", *(argv or sys.argv[1:])], env)
-  common.pin_threads(args.threads)
   spec = _spec(args.config)
+  if isinstance(spec, GPTSpec) and (args.side == "torch" or args.ab in ("hugepages", "dropout")):
+    raise SystemExit(
+      f"{args.config}: the GPT step has the jfast side only here, without dropout (experiments.lm times PyTorch's)"
+    )
+  common.pin_threads(args.threads)
   if args.time_only:
     print(step_time(spec, args.side, args.steps or 12))
     return

@@ -255,10 +255,8 @@ def time_to(curve: list[dict], target: float) -> dict | None:
   return None
 
 
-def run(args) -> dict:
-  out = Path(args.output)
-  out.mkdir(parents=True, exist_ok=True)
-  tok, train_rows, val_rows = load_corpus(Path(args.data), args.vocab, args.length, args.packing, out)
+def gpt_config(args, tok) -> GPTConfig:
+  """The model the command line describes, reading its special token from the trained tokenizer."""
   attention = (
     AttentionConfig() if args.attention == "dense" else AttentionConfig(kind=args.attention, window=args.window)
   )
@@ -277,6 +275,14 @@ def run(args) -> dict:
     attention=attention,
     remat_policy=args.remat,
   )
+  return config
+
+
+def run(args) -> dict:
+  out = Path(args.output)
+  out.mkdir(parents=True, exist_ok=True)
+  tok, train_rows, val_rows = load_corpus(Path(args.data), args.vocab, args.length, args.packing, out)
+  config = gpt_config(args, tok)
   check_vocab(tok, config.vocab_size)
   _, params = init_gpt(config, jax.random.key(args.seed))
   params = jax.device_get(params)
@@ -425,7 +431,7 @@ def _plot(result: dict, path: Path) -> None:
   fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", default=str(DATA))
   p.add_argument("--vocab", type=int, default=2048)
@@ -454,7 +460,11 @@ def main(argv=None):
   p.add_argument("--sides", nargs="+", default=["jfast", "pytorch"], choices=["jfast", "pytorch"])
   p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (one per core by default)")
   p.add_argument("--output", default="results/lm")
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   result = run(args)
   out = Path(args.output)
   (out / "lm.json").write_text(json.dumps(result, indent=2))

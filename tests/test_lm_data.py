@@ -131,6 +131,22 @@ def test_loss_is_mean_over_real_targets():
   assert int(aux["examples"]) == batch.num_targets < batch.num_real_tokens
 
 
+def test_correct_counts_argmax_hits_on_real_targets():
+  model, params = init_gpt(CONFIG, jax.random.key(2))
+  batch = _batch(seed=3)
+  logits = np.asarray(
+    model.apply({"params": params}, batch.input_ids, batch.segment_ids, batch.position_ids), np.float64
+  )
+  # Point about half the labels (padding included) at the model's argmax, so there are many hits to count.
+  rng = np.random.default_rng(0)
+  labels = np.where(rng.random(batch.labels.shape) < 0.5, logits.argmax(-1), batch.labels).astype(batch.labels.dtype)
+  batch = batch._replace(labels=labels)
+  _, aux = jax.jit(lambda p, b: causal_lm_loss(model)(p, b, None, True))(params, batch)
+  want = int(((logits.argmax(-1) == labels) & batch.example_mask).sum())
+  assert want > 20
+  assert int(aux["correct"]) == want
+
+
 def test_accumulation_equals_full_batch_with_uneven_targets():
   model, params = init_gpt(CONFIG, jax.random.key(1))
   batch = _batch(seed=2)

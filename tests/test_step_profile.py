@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from benchmarks.step_profile import _op_names, _torch_category, categorize
+from benchmarks.step_profile import _op_names, _torch_category, categorize, main
 
 
 def test_op_names_come_from_the_compiled_hlo():
@@ -35,3 +36,14 @@ def test_categories():
   assert _torch_category("aten::addmm") == "matrix products"
   assert _torch_category("aten::_fused_adamw_") == "optimizer update"
   assert _torch_category("aten::bernoulli_") == "dropout masks"
+
+
+def test_gpt_configs_and_bad_config_names():
+  from benchmarks.step_profile import GPTSpec, _spec
+
+  assert _spec("gpt_bf16") == GPTSpec("gpt_bf16", "bf16")
+  assert _spec("gpt_fp32").precision == "fp32"
+  with pytest.raises(SystemExit, match="gpt_bf16"):
+    _spec("no_such_config")
+  with pytest.raises(SystemExit, match="jfast side only"):
+    main(["--config", "gpt_bf16", "--side", "torch"])

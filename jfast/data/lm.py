@@ -215,9 +215,13 @@ def causal_lm_loss(model: nn.Module):
     mask_BxL = batch.example_mask.astype(jnp.float32)
     targets = mask_BxL.sum()
     loss_sum = (nll_BxL * mask_BxL).sum()
+    # "The target has the highest logit" instead of argmax == target: the same count (but for exact ties) from the
+    # max the cross-entropy computes anyway; XLA:CPU's argmax over [B, L, V] took about 2% of the GPT step.
+    label_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch.labels[..., None], axis=-1)[..., 0]
+    hit_BxL = label_logit_BxL >= jnp.max(logits_BxLxV, axis=-1)
     aux = {
       "loss_sum": loss_sum,
-      "correct": ((jnp.argmax(logits_BxLxV, -1) == batch.labels) * mask_BxL).sum(),
+      "correct": (hit_BxL * mask_BxL).sum(),
       "examples": targets,
       "tokens": (batch.segment_ids > 0).sum().astype(jnp.float32),
     }
