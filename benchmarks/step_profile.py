@@ -5,7 +5,7 @@
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
-    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad]  # experiments.lm's GPT step (jfast side)
+    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit]  # experiments.lm's GPT (jfast side)
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
 `make_train_step` with the precision policy). Profile mode traces a few steps with `jax.profiler` (XLA:CPU emits one
@@ -285,6 +285,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
 
   import jfast.attention as attention
   import jfast.models.bert as bert
+  import jfast.models.gpt as gpt
   import jfast.optimizer as optimizer
   import jfast.precision as precision
   import jfast.sparse_attention as sparse
@@ -305,6 +306,15 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       ),
       "jfast.precision.add_bias (ones @ g)": lambda: None,
     }
+  elif what == "qkvsplit":
+    variants = {
+      "three slices of c_attn's output": lambda: setattr(
+        gpt,
+        "split_qkv",
+        lambda x: tuple(x[..., i * (x.shape[-1] // 3) : (i + 1) * (x.shape[-1] // 3)] for i in range(3)),
+      ),
+      "jfast.models.gpt.split_qkv (one split)": lambda: None,
+    }
   elif what == "rowmajor":
     variants = {
       "no row-major copies (XLA picks the layouts)": lambda: (
@@ -319,7 +329,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "jfast.clipping.clip_by_global_norm": lambda: None,
     }
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
-  patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias")]
+  patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
   for name, patch in variants.items():
@@ -401,7 +411,7 @@ def main(argv=None) -> None:
   )
   p.add_argument(
     "--ab",
-    choices=("dropout", "clip", "rowmajor", "biasgrad", "hugepages"),
+    choices=("dropout", "clip", "rowmajor", "biasgrad", "qkvsplit", "hugepages"),
     help="time two variants instead of profiling",
   )
   p.add_argument("--time-only", action="store_true", help="print the plain step's median seconds and exit")

@@ -1,10 +1,10 @@
 """Distil the fine-tuned MiniLM (6 layers) into 3- and 2-layer students: hard labels vs soft targets vs hidden states.
 
-    python -m experiments.distill                          # CPU-sized: 8,000 SST-2 sentences per run, six runs
-    python -m experiments.distill --train-examples 0 --train-offset 0   # the whole SST-2 training set
+    python -m experiments.distill                         # six runs over the 27,349 sentences the teacher never saw
+    python -m experiments.distill --train-examples 8000   # CPU-sized: 8,000 of them (sentences 40,000-47,999)
 
-The default sentences are 40,000-47,999 of SST-2 train: the teacher fine-tuned on the first 40,000, and on its own
-training sentences its outputs are little more than the labels it memorised.
+The default sentences are 40,000-67,348 of SST-2 train (all after the first 40,000): the teacher fine-tuned on the
+first 40,000, and on its own training sentences its outputs are little more than the labels it memorised.
 
 Every student starts from the teacher's own layers (DistilBERT's initialisation), namely the layers its hidden
 states are matched to, ``(i + 1) * N // M - 1``: 1,3,5 for three layers and 2,5 for two (the top layer included, as
@@ -173,7 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="fine-tuned HF BERT folder with a classifier head")
   p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the teacher's, else all-MiniLM-L6-v2)")
   p.add_argument("--data", default=str(DEFAULT_DATA))
-  p.add_argument("--train-examples", type=int, default=8000, help="N SST-2 training sentences (0: all)")
+  p.add_argument(
+    "--train-examples", type=int, default=0, help="N SST-2 training sentences after the offset (0: all of them)"
+  )
   p.add_argument(
     "--train-offset",
     type=int,

@@ -143,6 +143,16 @@ def rotary(x_BxLxHxD: jax.Array, position_ids_BxL: jax.Array, base: float = 1000
   return out.astype(x_BxLxHxD.dtype)
 
 
+def split_qkv(qkv_BxLx3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """GPT-2's fused ``c_attn`` output cut into query, key and value.
+
+  One ``split``, not three slices: the gradient of a split is one concatenate, where three slices give three
+  zero-padded copies added up, which XLA:CPU fused into a loop reading every input three times (10 ms of the
+  attention backward per layer of the 8 x 256 bf16 step; `benchmarks.step_profile --ab qkvsplit`).
+  """
+  return tuple(jnp.split(qkv_BxLx3D, 3, axis=-1))
+
+
 class GPTAttention(nn.Module):
   config: GPTConfig
 
@@ -155,9 +165,10 @@ class GPTAttention(nn.Module):
     def heads(y_BxLxD, tag):
       return checkpoint_name(y_BxLxD, tag).reshape(batch, length, cfg.n_head, cfg.head_dim)
 
-    q_BxLxHxD = heads(qkv_BxLx3D[..., :width], "query_proj")
-    k_BxLxHxD = heads(qkv_BxLx3D[..., width : 2 * width], "key_proj")
-    v_BxLxHxD = heads(qkv_BxLx3D[..., 2 * width :], "value_proj")
+    q_BxLxD, k_BxLxD, v_BxLxD = split_qkv(qkv_BxLx3D)
+    q_BxLxHxD = heads(q_BxLxD, "query_proj")
+    k_BxLxHxD = heads(k_BxLxD, "key_proj")
+    v_BxLxHxD = heads(v_BxLxD, "value_proj")
     if cfg.position_embedding == "rotary":
       q_BxLxHxD = rotary(q_BxLxHxD, position_ids_BxL, cfg.rotary_base)
       k_BxLxHxD = rotary(k_BxLxHxD, position_ids_BxL, cfg.rotary_base)
