@@ -5,7 +5,7 @@
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
-    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit]  # experiments.lm's GPT (jfast side)
+    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu]  # experiments.lm's GPT, jfast side
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
 `make_train_step` with the precision policy). Profile mode traces a few steps with `jax.profiler` (XLA:CPU emits one
@@ -283,6 +283,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
   import jax
   import optax
 
+  import jfast.activations as activations
   import jfast.attention as attention
   import jfast.models.bert as bert
   import jfast.models.gpt as gpt
@@ -305,6 +306,13 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
         precision, "add_bias", lambda y, b: y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
       ),
       "jfast.precision.add_bias (ones @ g)": lambda: None,
+    }
+  elif what == "gelu":
+    variants = {
+      "jax.nn.gelu (half-precision arithmetic, autodiff)": lambda: setattr(
+        activations, "gelu", lambda x, approximate=False: jax.nn.gelu(x, approximate=approximate)
+      ),
+      "jfast.activations.gelu (float32 inside, custom VJP)": lambda: None,
     }
   elif what == "qkvsplit":
     variants = {
@@ -330,6 +338,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
     }
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
   patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
+  patched += [(activations, "gelu")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
   for name, patch in variants.items():
@@ -411,7 +420,7 @@ def main(argv=None) -> None:
   )
   p.add_argument(
     "--ab",
-    choices=("dropout", "clip", "rowmajor", "biasgrad", "qkvsplit", "hugepages"),
+    choices=("dropout", "clip", "rowmajor", "biasgrad", "qkvsplit", "gelu", "hugepages"),
     help="time two variants instead of profiling",
   )
   p.add_argument("--time-only", action="store_true", help="print the plain step's median seconds and exit")

@@ -9,23 +9,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from jfast.activations import ACTIVATIONS
 from jfast.dropout import Dropout
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.precision import MixedDense
 from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.remat import remat_policy
 
-_ACTIVATIONS = {
-  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-  "relu": jax.nn.relu,
-}
+_ACTIVATIONS = ACTIVATIONS
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
