@@ -1,4 +1,4 @@
-"""Where a jfast train step's time goes on this machine, and what two of the library's choices are worth.
+"""Where a jfast train step's time goes on this machine, and what each of the library's choices is worth.
 
     python -m benchmarks.step_profile --config grouped_bf16            # per-category op time from a profiler trace
     python -m benchmarks.step_profile --config packed_bf16 --ab dropout  # flax's Dropout vs jfast.dropout, interleaved

@@ -20,7 +20,6 @@ from jfast.precision import MixedDense
 from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.remat import remat_policy
 
-_ACTIVATIONS = ACTIVATIONS
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -67,8 +66,8 @@ class BertConfig:
       raise ValueError(
         f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
       )
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
@@ -178,7 +177,7 @@ class BertLayer(nn.Module):
     attn_BxLxD = Dropout(cfg.hidden_dropout_prob)(attn_BxLxD, deterministic=deterministic)
     h_BxLxD = _layer_norm(cfg, "attention_norm")(x_BxLxD + attn_BxLxD)
 
-    mlp_BxLxF = _ACTIVATIONS[cfg.hidden_act](_dense(cfg, ffn, "intermediate")(h_BxLxD))
+    mlp_BxLxF = ACTIVATIONS[cfg.hidden_act](_dense(cfg, ffn, "intermediate")(h_BxLxD))
     mlp_BxLxF = checkpoint_name(mlp_BxLxF, "mlp_hidden")
     out_BxLxD = _dense(cfg, cfg.hidden_size, "output")(mlp_BxLxF)
     out_BxLxD = Dropout(cfg.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)

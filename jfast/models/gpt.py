@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from jfast.activations import ACTIVATIONS
 from jfast.dropout import Dropout
 from jfast.models.attention import Attention, AttentionConfig
-from jfast.models.bert import _ACTIVATIONS, _DTYPES, _RematLayerNorm
+from jfast.models.bert import _DTYPES, _RematLayerNorm
 from jfast.precision import MixedDense, mixed_dot_general
 from jfast.remat import remat_policy
 
@@ -80,9 +81,9 @@ class GPTConfig:
       )
     if self.position_embedding == "rotary" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head dimension, got {self.head_dim}")
-    if self.activation_function not in _ACTIVATIONS:
+    if self.activation_function not in ACTIVATIONS:
       raise ValueError(
-        f"unsupported activation_function {self.activation_function!r}; expected one of {sorted(_ACTIVATIONS)}"
+        f"unsupported activation_function {self.activation_function!r}; expected one of {sorted(ACTIVATIONS)}"
       )
     if self.dtype not in _DTYPES:
       raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
@@ -187,7 +188,7 @@ class GPTMLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.config
-    h_BxLxF = _ACTIVATIONS[cfg.activation_function](_dense(cfg, cfg.inner_dim, "c_fc")(x_BxLxD))
+    h_BxLxF = ACTIVATIONS[cfg.activation_function](_dense(cfg, cfg.inner_dim, "c_fc")(x_BxLxD))
     h_BxLxF = checkpoint_name(h_BxLxF, "mlp_hidden")
     std = cfg.initializer_range / (2 * cfg.n_layer) ** 0.5
     return _dense(cfg, x_BxLxD.shape[-1], "c_proj", std)(h_BxLxF)
