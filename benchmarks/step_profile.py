@@ -5,7 +5,8 @@
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
-    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu]  # experiments.lm's GPT, jfast side
+    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu|headlayout]  # experiments.lm's GPT, jfast side
+    python -m benchmarks.step_profile --config gpt_bf16 --ab xla_flags [--xla-flags="--xla_cpu_..."]  # XLA:CPU flags
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
 `make_train_step` with the precision policy). Profile mode traces a few steps with `jax.profiler` (XLA:CPU emits one
@@ -14,7 +15,8 @@ categories read from the HLO metadata: matrix products, dropout masks, the embed
 copies, optimizer update and the remaining forward / backward elementwise work. A/B mode builds both variants of
 the step in one process and alternates them step by step, so machine noise hits both alike; medians after warm-up.
 ``--ab hugepages`` cannot share a process (glibc reads the tunable at start): it alternates fresh processes with and
-without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), three of each, and reports each median.
+without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), three of each, and reports each median;
+``--ab xla_flags`` does the same for XLA:CPU compiler flags (`XLA_FLAG_VARIANTS`, or ``--xla-flags``) against the defaults.
 ``--side torch`` profiles the PyTorch step of the same config on the same batches with `torch.profiler`, by the
 same categories (self time of each aten op, which on the calling thread is wall time, not summed over threads).
 """
@@ -323,6 +325,11 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       ),
       "jfast.models.gpt.split_qkv (one split)": lambda: None,
     }
+  elif what == "headlayout":
+    variants = {
+      "GPT head on the table's transposed view": lambda: setattr(gpt, "row_major", lambda x: x),
+      "GPT head on a row-major [D, V] copy": lambda: None,
+    }
   elif what == "rowmajor":
     variants = {
       "no row-major copies (XLA picks the layouts)": lambda: (
@@ -338,7 +345,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
     }
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
   patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
-  patched += [(activations, "gelu")]
+  patched += [(activations, "gelu"), (gpt, "row_major")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
   for name, patch in variants.items():
@@ -386,25 +393,55 @@ def step_time(spec: RunSpec, side: str, steps: int) -> float:
   return statistics.median(times[3:])
 
 
-def ab_hugepages(args) -> str:
-  """Fresh processes alternated with and without the glibc tunable; each reports its median step."""
+# XLA:CPU switches that change how a step is compiled; `--ab xla_flags` times each against the defaults.
+XLA_FLAG_VARIANTS = (
+  "--xla_cpu_experimental_ynn_fusion_type=",  # YNNPACK dots off: Eigen's
+  "--xla_cpu_use_xnnpack=false",
+  "--xla_cpu_prefer_vector_width=512",
+  "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+  "--xla_cpu_use_thunk_runtime=false",
+  "--xla_cpu_enable_fast_math=true",
+)
+
+
+def _env_runs(args, envs: dict, repeats: int) -> dict[str, list[float]]:
+  """Fresh processes, one per environment in turn, ``repeats`` rounds; each reports its median step."""
   import subprocess
 
+  cmd = [sys.executable, "-m", "benchmarks.step_profile", "--config", args.config, "--side", args.side]
+  cmd += ["--time-only", "--steps", str(args.steps or 12), "--threads", str(args.threads)]
+  runs = {name: [] for name in envs}
+  for _ in range(repeats):
+    for name, env in envs.items():
+      done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+      if done.returncode:
+        raise SystemExit(f"{name}: the timing process failed:\n{done.stderr[-2000:]}")
+      runs[name].append(float(done.stdout.strip().splitlines()[-1]))
+  return runs
+
+
+def ab_xla_flags(args) -> str:
+  """Each XLA:CPU flag set in fresh processes (XLA reads its flags once), alternated with the defaults."""
+  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  envs = {"defaults": base} | {flags: {**base, "XLA_FLAGS": flags} for flags in args.xla_flags or XLA_FLAG_VARIANTS}
+  return _env_table(args, _env_runs(args, envs, 3), "XLA_FLAGS")
+
+
+def ab_hugepages(args) -> str:
+  """Fresh processes alternated with and without the glibc tunable; each reports its median step."""
   from jfast.hugepages import hugepage_env
 
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JFAST_HUGEPAGES")}
   envs = {"4 KiB pages (default)": base, "glibc.malloc.hugetlb=1": hugepage_env(base)}
-  cmd = [sys.executable, "-m", "benchmarks.step_profile", "--config", args.config, "--side", args.side]
-  cmd += ["--time-only", "--steps", str(args.steps or 12), "--threads", str(args.threads)]
-  runs = {name: [] for name in envs}
-  for _ in range(3):
-    for name, env in envs.items():
-      out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-      runs[name].append(float(out))
+  return _env_table(args, _env_runs(args, envs, 3), "allocation")
+
+
+def _env_table(args, runs: dict[str, list[float]], what: str) -> str:
   base_median = statistics.median(next(iter(runs.values())))
   who = "PyTorch" if args.side == "torch" else "jfast"
-  lines = [f"{who} `{args.config}`, 3 fresh processes each, alternated; median step of each process (ms):", ""]
-  lines += ["| allocation | process medians (ms) | median | vs first |", "|---|---|---|---|"]
+  repeats = len(next(iter(runs.values())))
+  lines = [f"{who} `{args.config}`, {repeats} fresh processes each, alternated; median step of each (ms):", ""]
+  lines += [f"| {what} | process medians (ms) | median | vs first |", "|---|---|---|---|"]
   for name, values in runs.items():
     m = statistics.median(values)
     lines.append(
@@ -420,8 +457,14 @@ def main(argv=None) -> None:
   )
   p.add_argument(
     "--ab",
-    choices=("dropout", "clip", "rowmajor", "biasgrad", "qkvsplit", "gelu", "hugepages"),
+    choices=("dropout", "clip", "rowmajor", "biasgrad", "qkvsplit", "gelu", "headlayout", "hugepages", "xla_flags"),
     help="time two variants instead of profiling",
+  )
+  p.add_argument(
+    "--xla-flags",
+    action="append",
+    help='one flag set for --ab xla_flags, as --xla-flags="--xla_cpu_a=1 --xla_cpu_b=2" (repeatable; default: '
+    "each of XLA_FLAG_VARIANTS)",
   )
   p.add_argument("--time-only", action="store_true", help="print the plain step's median seconds and exit")
   p.add_argument("--side", choices=("jax", "torch"), default="jax", help="profile jfast's step or PyTorch's")
@@ -440,7 +483,7 @@ def main(argv=None) -> None:
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme").strip()}
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks.step_profile", *(argv or sys.argv[1:])], env)
   spec = _spec(args.config)
-  if isinstance(spec, GPTSpec) and (args.side == "torch" or args.ab in ("hugepages", "dropout")):
+  if isinstance(spec, GPTSpec) and (args.side == "torch" or args.ab == "dropout"):
     raise SystemExit(
       f"{args.config}: the GPT step has the jfast side only here, without dropout (experiments.lm times PyTorch's)"
     )
@@ -450,6 +493,8 @@ def main(argv=None) -> None:
     return
   if args.ab == "hugepages":
     text = ab_hugepages(args)
+  elif args.ab == "xla_flags":
+    text = ab_xla_flags(args)
   elif args.ab:
     text = ab(spec, args.ab, args.steps or 20)
   elif args.side == "torch":

@@ -46,6 +46,7 @@ from jfast.data.lm import (
   split_documents,
 )
 from jfast.freezing import freeze, freeze_mask
+from jfast.hugepages import TUNABLE, ensure_hugepages
 from jfast.models.attention import AttentionConfig
 from jfast.models.gpt import GPT, GPTConfig, init_gpt
 from jfast.models.gpt_io import save_hf_gpt2
@@ -81,7 +82,15 @@ def _freeze_patterns(word: str, layers: int, learned_positions: bool = True) -> 
 
 
 def load_corpus(path: Path, vocab: int, length: int, packing: str, out: Path):
-  """Train/held-out split, BPE trained on the train split, packed (or padded) rows of both."""
+  """Train/held-out split, BPE trained on the train split, packed (or padded) rows of both.
+
+  ``path`` is a text file, or a folder holding ``input.txt`` (tiny-shakespeare's layout).
+  """
+  path = Path(path)
+  if path.is_dir():
+    path = path / "input.txt"
+  if not path.is_file():
+    raise SystemExit(f"--data: no corpus at {path} (a UTF-8 text file, or a folder with input.txt)")
   text = path.read_text(encoding="utf-8")
   cut = int(0.9 * len(text))
   train_docs, val_docs = split_documents(text[:cut]), split_documents(text[cut:])
@@ -362,6 +371,7 @@ def run(args) -> dict:
     params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
     device=jax.devices()[0].device_kind,
     cpu_count=os.cpu_count(),
+    hugepages=TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
   )
   return {"setup": setup, "sides": report, "summary": summary}
 
@@ -375,7 +385,8 @@ def markdown(result: dict) -> str:
   lines = [
     f"GPT {s['layers']} layers, d={s['d_model']}, {s['heads']} heads, context {s['length']}, BPE vocab {s['vocab']} "
     f"({s['params']:,} parameters), tiny-shakespeare 90/10 split, {s['steps']} steps of {s['batch_size']} x "
-    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s['cpu_count']} cores, shared).",
+    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s['cpu_count']} cores, shared); glibc huge pages (both sides, one "
+    f"process): {'on' if s.get('hugepages') else 'off'}.",
     "",
     "| side | compile s | first step s | median step s | tokens/s | final val loss | time to target s | memory |",
     "|---|---|---|---|---|---|---|---|",
@@ -475,4 +486,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  # Both sides run in this one process and both step faster with huge pages for their big fresh buffers
+  # (jfast.hugepages; benchmarks.step_profile --config gpt_bf16 --ab hugepages), so the process takes them.
+  ensure_hugepages()
   main()

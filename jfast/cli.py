@@ -219,10 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def wants_hugepages(args: argparse.Namespace) -> bool:
+  """Whether the command re-executes with huge pages for XLA's buffers (`jfast.hugepages`) before it starts.
+
+  Training runs are faster with them; so are both sides of ``experiment lm`` (one process holds both). The other
+  experiments and benchmarks choose per child process themselves.
+  """
+  return args.command in ("finetune", "distill") or (args.command, getattr(args, "name", None)) == ("experiment", "lm")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  if argv is None and args.command in ("finetune", "distill"):
-    # Training runs are faster with huge pages for XLA's buffers; experiments and benchmarks set their own.
+  if argv is None and wants_hugepages(args):
     from jfast.hugepages import ensure_hugepages
 
     ensure_hugepages()

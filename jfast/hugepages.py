@@ -5,15 +5,17 @@ optimizer's per-leaf temporaries) come from ``mmap`` in 4 KiB pages, so each ste
 written: zero-filling the embedding gradient took 13-20 ms of a 160-220 ms step on the 2-core CPU, three times
 numpy's time for the same fill (numpy asks the kernel for huge pages with ``madvise``). With glibc's tunable set,
 malloc asks for transparent huge pages too: the fill drops to 3.3 ms and a whole bf16 MiniLM train step is 1.19x
-(32x9 tokens) to 1.24x (packed 8x57 rows) faster (``python -m benchmarks.step_profile --ab hugepages``). The
+(32x9 tokens) to 1.24x (packed 8x57 rows) faster (``python -m benchmarks.step_profile --ab hugepages``), the GPT
+of `experiments.lm` 1.34x in bf16 and 1.09x in fp32 (``--config gpt_bf16|gpt_fp32``). The
 tunable is read when a process starts, so the command-line entry points re-execute themselves once with it set
 (`ensure_hugepages`); library users set it in their own launcher
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py``). ``JFAST_HUGEPAGES=0`` turns the re-execution off. It
 needs Linux, glibc 2.35 or newer and transparent huge pages not set to ``never``.
 
-PyTorch does not gain from it on this machine: its eager CPU step ran 0.86x as fast with the tunable (median of
-three processes each; the cause was not investigated), so `benchmarks.compare` sets it for the jfast side only and
-says so in its table.
+PyTorch's MiniLM step does not gain from it on this machine: its eager CPU step ran 0.86x as fast with the tunable
+(median of three processes each; the cause was not investigated), so `benchmarks.compare` sets it for the jfast
+side only and says so in its table. Its GPT-2 step in `experiments.lm` gained in bf16 and was level in fp32, so
+that experiment, whose two sides share one process, runs with it on both.
 """
 
 from __future__ import annotations

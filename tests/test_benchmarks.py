@@ -128,3 +128,15 @@ def test_each_side_gets_its_own_hugepage_setting(tmp_path, monkeypatch):
     assert "timed out" in result["error"]
   assert TUNABLE in seen["benchmarks.jax_runner"]
   assert TUNABLE not in seen["benchmarks.torch_runner"]
+
+
+@pytest.mark.parametrize("causal, pad", [(True, 0), (False, 5)])
+def test_attention_vs_sdpa_times_the_same_gradients(causal, pad):
+  # The benchmark is only a comparison if both sides compute the same thing: equal gradients in float32.
+  from benchmarks.attention_vs_sdpa import _inputs, _jax_call, _torch_call
+
+  arrays = _inputs(2, 24, 3, 16, pad, seed=3)
+  ours = _jax_call(arrays, causal, "float32")()
+  theirs = _torch_call(arrays, causal, "float32")()
+  for g, t in zip(ours, theirs, strict=True):
+    np.testing.assert_allclose(np.asarray(g), t.numpy().transpose(0, 2, 1, 3), rtol=1e-4, atol=1e-5)

@@ -230,3 +230,14 @@ def test_parallel_gets_its_simulated_devices_even_after_jax_started(tmp_path, mo
   assert result["meta"]["device_count"] == 8
   assert calls[0][0][1:] == ["-m", "experiments.parallel", "--models", "bert-base", "--output", str(tmp_path)]
   assert "--xla_force_host_platform_device_count=8" in calls[0][1]
+
+
+def test_training_commands_and_the_lm_experiment_take_huge_pages():
+  from jfast.cli import build_parser, wants_hugepages
+
+  def wants(*words):
+    return wants_hugepages(build_parser().parse_args(list(words)))
+
+  assert wants("finetune") and wants("distill", "train.steps=3") and wants("experiment", "lm", "--steps", "5")
+  assert not wants("experiment", "padding") and not wants("experiment") and not wants("bench", "compare")
+  assert not wants("report")

@@ -294,3 +294,54 @@ def test_sharding_rules_cover_the_decoder():
   }
   for path, spec in want.items():
     assert partition_spec(path, flat[path], mesh) == spec, path
+
+
+def test_lm_experiment_runs_both_sides_and_reports_time_to_target(tmp_path, data_dir):
+  # The experiment end to end on a tiny model: BPE on tiny-shakespeare, both sides from the same weights.
+  from experiments import lm
+
+  tiny = "--vocab 300 --length 32 --layers 1 --d-model 32 --heads 2 --batch-size 2 --steps 5 --eval-every 2"
+  args = lm.parse_args(
+    ["--data", str(data_dir / "tinyshakespeare"), *tiny.split(), "--eval-rows", "4", "--output", str(tmp_path)]
+  )
+  result = lm.run(args)
+  jfast, pytorch = result["sides"]["jfast"], result["sides"]["pytorch"]
+  assert [c["step"] for c in jfast["curve"]] == [1, 3, 5] == [c["step"] for c in pytorch["curve"]]
+  # Same initial weights and batches: the first validation losses agree, and training lowers both.
+  np.testing.assert_allclose(jfast["curve"][0]["val_loss"], pytorch["curve"][0]["val_loss"], rtol=1e-4)
+  assert jfast["final_val_loss"] < jfast["curve"][0]["val_loss"]
+  summary = result["summary"]
+  assert summary["target_val_loss"] == max(jfast["final_val_loss"], pytorch["final_val_loss"])
+  assert summary["speedup_to_target"] > 0
+  text = lm.markdown(result)
+  assert "glibc huge pages (both sides, one process): " in text and "| jfast |" in text and "| pytorch |" in text
+  with pytest.raises(SystemExit, match="no corpus at"):
+    lm.load_corpus(tmp_path / "missing.txt", 300, 32, "packed", tmp_path)
+
+
+def test_every_bf16_train_step_dot_is_bf16_the_tied_head_too():
+  # As for BERT (tests/test_precision.py): on a transposed view of the token table XLA:CPU ran the head's logits
+  # product, the step's largest, in float32; `row_major` gives it a [D, V] copy.
+  from test_precision import _dot_operand_types
+
+  from jfast.precision import get_policy
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("XLA:CPU's kernel choice")
+  policy = get_policy("bf16")
+  config = policy.configure(TINY.replace(vocab_size=512, n_positions=64, n_embd=128))
+  model, params = init_gpt(config, jax.random.key(0))
+  state = create_train_state(model, params, optax.adamw(1e-3), policy=policy)
+  docs = [np.random.default_rng(k).integers(1, 512, size=n) for k, n in enumerate((70, 33, 90, 64, 41, 120, 57, 80))]
+  batch = lm_batches(pack_documents(docs, 64, pad_id=0, vocab_size=512), 8)[0]
+  step = make_train_step(causal_lm_loss(model), policy=policy)
+  hlo = step.lower(state, batch).compile().as_text()
+  # The model's products carry its op names; the bias gradients' `ones @ g` dots (jfast.precision.add_bias) carry
+  # none, and at this toy width XLA:CPU runs those in float32 for their size alone.
+  operand_types = _dot_operand_types(hlo, "GPT")
+  if ("bf16", "bf16") not in operand_types:
+    pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
+  assert _dot_operand_types(hlo, 'jvp(GPT)/dot_general"') == [("bf16", "bf16")]  # the logits product, forward
+  # Per block 4 Dense layers and 2 attention products, 3 dots each (forward, two gradients); the head's 3.
+  assert len(operand_types) == config.n_layer * (4 + 2) * 3 + 3, operand_types
+  assert set(operand_types) == {("bf16", "bf16")}, operand_types

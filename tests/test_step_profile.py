@@ -47,3 +47,28 @@ def test_gpt_configs_and_bad_config_names():
     _spec("no_such_config")
   with pytest.raises(SystemExit, match="jfast side only"):
     main(["--config", "gpt_bf16", "--side", "torch"])
+
+
+def test_xla_flag_sets_each_run_in_their_own_environment(monkeypatch):
+  from benchmarks import step_profile
+
+  seen = {}
+
+  def fake_runs(args, envs, repeats):
+    seen.update(envs)
+    return {name: [0.1 * (k + 1)] * repeats for k, name in enumerate(envs)}
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_user_flag=1")
+  monkeypatch.setattr(step_profile, "_env_runs", fake_runs)
+  monkeypatch.setattr(step_profile, "_spec", lambda config: config)
+  monkeypatch.setattr(step_profile.common, "pin_threads", lambda n: None)
+  main(["--config", "packed_bf16", "--ab", "xla_flags", "--xla-flags=--xla_cpu_a=1 --xla_cpu_b=2", "--xla-flags=--c"])
+  assert list(seen) == ["defaults", "--xla_cpu_a=1 --xla_cpu_b=2", "--c"]
+  assert "XLA_FLAGS" not in seen["defaults"]  # the defaults are XLA's, not whatever the caller had set
+  assert seen["--c"]["XLA_FLAGS"] == "--c" and seen["--c"]["PATH"] == step_profile.os.environ["PATH"]
+  # Without --xla-flags every variant of the table runs, the defaults first.
+  seen.clear()
+  text = step_profile.ab_xla_flags(step_profile.argparse.Namespace(xla_flags=None, config="x", side="jax"))
+  assert list(seen) == ["defaults", *step_profile.XLA_FLAG_VARIANTS]
+  assert "| defaults | 100.0, 100.0, 100.0 | 100.0 | 1.00x |" in text
+  assert "| --xla_cpu_use_xnnpack=false | 300.0, 300.0, 300.0 | 300.0 | 0.33x |" in text
