@@ -5,7 +5,7 @@
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
-    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu|headlayout]  # experiments.lm's GPT, jfast side
+    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu|headlayout]  # experiments.lm's GPT
     python -m benchmarks.step_profile --config gpt_bf16 --ab xla_flags [--xla-flags="--xla_cpu_..."]  # XLA:CPU flags
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
@@ -16,7 +16,8 @@ copies, optimizer update and the remaining forward / backward elementwise work. 
 the step in one process and alternates them step by step, so machine noise hits both alike; medians after warm-up.
 ``--ab hugepages`` cannot share a process (glibc reads the tunable at start): it alternates fresh processes with and
 without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), three of each, and reports each median;
-``--ab xla_flags`` does the same for XLA:CPU compiler flags (`XLA_FLAG_VARIANTS`, or ``--xla-flags``) against the defaults.
+``--ab xla_flags`` does the same for XLA:CPU compiler flags (`XLA_FLAG_VARIANTS`, or ``--xla-flags``) against XLA's
+defaults.
 ``--side torch`` profiles the PyTorch step of the same config on the same batches with `torch.profiler`, by the
 same categories (self time of each aten op, which on the calling thread is wall time, not summed over threads).
 """

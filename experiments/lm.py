@@ -385,8 +385,8 @@ def markdown(result: dict) -> str:
   lines = [
     f"GPT {s['layers']} layers, d={s['d_model']}, {s['heads']} heads, context {s['length']}, BPE vocab {s['vocab']} "
     f"({s['params']:,} parameters), tiny-shakespeare 90/10 split, {s['steps']} steps of {s['batch_size']} x "
-    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s['cpu_count']} cores, shared); glibc huge pages (both sides, one "
-    f"process): {'on' if s.get('hugepages') else 'off'}.",
+    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s['cpu_count']} cores, shared); "
+    f"glibc huge pages (both sides, one process): {'on' if s.get('hugepages') else 'off'}.",
     "",
     "| side | compile s | first step s | median step s | tokens/s | final val loss | time to target s | memory |",
     "|---|---|---|---|---|---|---|---|",
