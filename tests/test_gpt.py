@@ -312,7 +312,13 @@ def test_lm_experiment_runs_both_sides_and_reports_time_to_target(tmp_path, data
   assert jfast["final_val_loss"] < jfast["curve"][0]["val_loss"]
   summary = result["summary"]
   assert summary["target_val_loss"] == max(jfast["final_val_loss"], pytorch["final_val_loss"])
-  assert summary["speedup_to_target"] > 0
+  # Time to target: training time at the first evaluation at or below the target, PyTorch's over jfast's.
+  reached = {
+    name: next(c for c in side["curve"] if c["val_loss"] <= summary["target_val_loss"])
+    for name, side in (("jfast", jfast), ("pytorch", pytorch))
+  }
+  assert summary["jfast_step_at_target"] == reached["jfast"]["step"]
+  np.testing.assert_allclose(summary["speedup_to_target"], reached["pytorch"]["train_s"] / reached["jfast"]["train_s"])
   text = lm.markdown(result)
   assert "glibc huge pages (both sides, one process): " in text and "| jfast |" in text and "| pytorch |" in text
   with pytest.raises(SystemExit, match="no corpus at"):
