@@ -3,6 +3,8 @@
     python -m benchmarks.step_profile --config grouped_bf16            # per-category op time from a profiler trace
     python -m benchmarks.step_profile --config packed_bf16 --ab dropout  # flax's Dropout vs jfast.dropout, interleaved
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
+    python -m benchmarks.step_profile --config packed_bf16 --ab clsonly  # the classifier's last layer: all rows vs [CLS]
+    python -m benchmarks.step_profile --config packed_bf16 --ab ntdots   # a @ b^T: transposing copy vs one NT dot
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
     python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu|headlayout]  # experiments.lm's GPT
@@ -331,6 +333,31 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "GPT head on the table's transposed view": lambda: setattr(gpt, "row_major", lambda x: x),
       "GPT head on a row-major [D, V] copy": lambda: None,
     }
+  elif what == "clsonly":
+    variants = {
+      "every row through the last layer": lambda: "full",
+      "last layer at the [CLS] rows only (default)": lambda: None,
+    }
+  elif what == "ntdots":
+
+    def transposed_copies():
+      def dot_nt(a, b):
+        return jax.lax.dot(a, precision.row_major(b.T), preferred_element_type=jax.numpy.float32)
+
+      def bmm_nt(a, b):
+        return precision._bmm(a, precision._row_major_transpose(b))
+
+      def matmul_nt(a, b):
+        return precision.mixed_matmul(a, precision._row_major_transpose(b))
+
+      precision._dot_nt = dot_nt
+      precision._bmm_nt = bmm_nt
+      attention.mixed_matmul_nt = matmul_nt
+
+    variants = {
+      "a @ b^T as a transposing copy of b + a row-major dot": transposed_copies,
+      "a @ b^T as one dot contracting both last axes": lambda: None,
+    }
   elif what == "rowmajor":
     variants = {
       "no row-major copies (XLA picks the layouts)": lambda: (
@@ -347,11 +374,18 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
   patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
   patched += [(activations, "gelu"), (gpt, "row_major")]
+  patched += [(precision, "_dot_nt"), (precision, "_bmm_nt"), (attention, "mixed_matmul_nt")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
+  if what == "clsonly":
+    from benchmarks.jax_runner import build_model
+
+    model, params = build_model(spec, data.NUM_LABELS[spec.task])
   for name, patch in variants.items():
-    patch()
-    compiled, state, batches, model, params = _jax_step(spec, model, params)
+    full = patch() == "full"
+    variant = model.clone(last_layer_pooled_only=not full) if what == "clsonly" else model
+    compiled, state, batches, variant, params = _jax_step(spec, variant, params)
+    model = model if what == "clsonly" else variant
     runs[name] = [state, compiled, []]
     for module, attr, value in saved:
       setattr(module, attr, value)
@@ -458,7 +492,19 @@ def main(argv=None) -> None:
   )
   p.add_argument(
     "--ab",
-    choices=("dropout", "clip", "rowmajor", "biasgrad", "qkvsplit", "gelu", "headlayout", "hugepages", "xla_flags"),
+    choices=(
+      "dropout",
+      "clip",
+      "rowmajor",
+      "biasgrad",
+      "qkvsplit",
+      "gelu",
+      "headlayout",
+      "clsonly",
+      "ntdots",
+      "hugepages",
+      "xla_flags",
+    ),
     help="time two variants instead of profiling",
   )
   p.add_argument(
@@ -488,6 +534,8 @@ def main(argv=None) -> None:
     raise SystemExit(
       f"{args.config}: the GPT step has the jfast side only here, without dropout (experiments.lm times PyTorch's)"
     )
+  if isinstance(spec, GPTSpec) and args.ab == "clsonly":
+    raise SystemExit(f"{args.config}: --ab clsonly is the BERT classifier's; the GPT has no [CLS] rows")
   common.pin_threads(args.threads)
   if args.time_only:
     print(step_time(spec, args.side, args.steps or 12))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jfast.dropout import dropout
-from jfast.precision import mixed_matmul, row_major
+from jfast.precision import mixed_matmul, mixed_matmul_nt, row_major
 from jfast.sparse_attention import check_qkv, segment_starts, sparse_attention
 
 ATTENTION_KINDS = ("dense", "sliding_window", "blockwise")
@@ -134,26 +134,47 @@ def dense_attention(
   The same computation as ``jax.nn.dot_product_attention(q, k, v, mask=segment_mask(...))`` (tested), written out
   because that function has no attention dropout.
   """
-  depth = q_BxLxHxD.shape[-1]
-  half = q_BxLxHxD.dtype in (jnp.bfloat16, jnp.float16)
+  mask = segment_mask(segment_ids_BxL, causal=causal)
+  return masked_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+def masked_attention(
+  q_BxSxHxD: jax.Array,
+  k_BxLxHxD: jax.Array,
+  v_BxLxHxD: jax.Array,
+  mask_Bx1xSxL: jax.Array,
+  *,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+  """Softmax attention of ``S`` queries over ``L`` keys under a boolean mask (True = may attend), softmax in float32.
+
+  `dense_attention` is this with `segment_mask`; ``S < L`` serves a subset of queries (the [CLS] rows of a
+  classifier's last layer, with `explicit_mask`'s ``query_positions``).
+
+  Returns:
+    ``[B, S, H, D]`` in v's dtype.
+  """
+  depth = q_BxSxHxD.shape[-1]
+  half = q_BxSxHxD.dtype in (jnp.bfloat16, jnp.float16)
+  scale = jnp.sqrt(depth).astype(q_BxSxHxD.dtype)
   if half:
     # Head-major row-major operands, so that both products and their gradients stay half precision on XLA:CPU.
-    q_BxHxLxD = row_major(jnp.transpose(q_BxLxHxD, (0, 2, 1, 3)))
-    k_BxHxDxL = row_major(jnp.transpose(k_BxLxHxD, (0, 2, 3, 1)))
-    logits_BxHxLxL = mixed_matmul(q_BxHxLxD, k_BxHxDxL) / jnp.sqrt(depth).astype(q_BxLxHxD.dtype)
+    q_BxHxSxD = row_major(jnp.transpose(q_BxSxHxD, (0, 2, 1, 3)))
+    k_BxHxLxD = row_major(jnp.transpose(k_BxLxHxD, (0, 2, 1, 3)))
+    logits_BxHxSxL = mixed_matmul_nt(q_BxHxSxD, k_BxHxLxD) / scale
   else:
-    logits_BxHxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxHxD, k_BxLxHxD) / jnp.sqrt(depth).astype(q_BxLxHxD.dtype)
-  logits_BxHxLxL = logits_BxHxLxL.astype(jnp.float32)
-  mask = segment_mask(segment_ids_BxL, causal=causal)
+    logits_BxHxSxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxSxHxD, k_BxLxHxD) / scale
+  logits_BxHxSxL = logits_BxHxSxL.astype(jnp.float32)
   # A finite floor instead of -inf keeps fully masked rows (all-padding rows) NaN-free.
-  logits_BxHxLxL = jnp.where(mask, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
-  probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(v_BxLxHxD.dtype)
+  logits_BxHxSxL = jnp.where(mask_Bx1xSxL, logits_BxHxSxL, jnp.finfo(jnp.float32).min)
+  probs_BxHxSxL = jax.nn.softmax(logits_BxHxSxL, axis=-1).astype(v_BxLxHxD.dtype)
   if dropout_rate > 0.0 and dropout_rng is not None:
-    probs_BxHxLxL = dropout(probs_BxHxLxL, dropout_rate, dropout_rng).astype(v_BxLxHxD.dtype)
+    probs_BxHxSxL = dropout(probs_BxHxSxL, dropout_rate, dropout_rng).astype(v_BxLxHxD.dtype)
   if half:
     v_BxHxLxD = row_major(jnp.transpose(v_BxLxHxD, (0, 2, 1, 3)))
-    return jnp.swapaxes(mixed_matmul(probs_BxHxLxL, v_BxHxLxD), 1, 2)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxLxL, v_BxLxHxD)
+    return jnp.swapaxes(mixed_matmul(probs_BxHxSxL, v_BxHxLxD), 1, 2)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxSxL, v_BxLxHxD)
 
 
 def _as_segment_ids(mask, q):
@@ -318,30 +339,45 @@ def blockwise_attention(
   )
 
 
-def explicit_mask(segment_ids_BxL: jax.Array, config: AttentionConfig, *, causal: bool = False) -> jax.Array:
+def explicit_mask(
+  segment_ids_BxL: jax.Array,
+  config: AttentionConfig,
+  *,
+  causal: bool = False,
+  query_positions_BxS: jax.Array | None = None,
+) -> jax.Array:
   """The ``[B, 1, L, L]`` boolean mask a kind is equivalent to: the O(L^2) reference the kernels are tested against.
 
   For ``dense`` this is `segment_mask`. For sparse kinds a pair (i, j) is allowed when j is a real key of i's
   segment (any real key for a padding query i), causal-ok, and either structurally close (same block, or
   ``|i - j| <= window``) or, for a real query, one of i and j is among the first ``global_tokens`` of the segment.
+  With ``query_positions_BxS`` only those queries' rows are built: ``[B, 1, S, L]``, O(S * L).
   """
   seg = jnp.asarray(segment_ids_BxL).astype(jnp.int32)
-  if config.kind == "dense":
-    return segment_mask(seg, causal=causal)
-  length = seg.shape[1]
-  pos = jnp.arange(length)
-  qseg, kseg = seg[:, :, None], seg[:, None, :]
+  batch, length = seg.shape
+  pos_L = jnp.arange(length)
+  if query_positions_BxS is None:
+    qpos_BxS = jnp.broadcast_to(pos_L, seg.shape)
+  else:
+    qpos_BxS = jnp.asarray(query_positions_BxS).astype(jnp.int32)
+    if qpos_BxS.ndim != 2 or qpos_BxS.shape[0] != batch:
+      raise ValueError(f"query_positions must be [B, S] with B = {batch}, got shape {qpos_BxS.shape}")
+  qseg_BxS = jnp.take_along_axis(seg, qpos_BxS, axis=1)
+  qseg, kseg = qseg_BxS[:, :, None], seg[:, None, :]
+  qpos, kpos = qpos_BxS[:, :, None], pos_L[None, None, :]
   base = (kseg > 0) & ((qseg == kseg) | (qseg == 0))
   if causal:
-    base &= pos[None, None, :] <= pos[None, :, None]
+    base &= kpos <= qpos
+  if config.kind == "dense":
+    return base[:, None]
   if config.kind == "blockwise":
-    near = (pos[:, None] // config.block_size) == (pos[None, :] // config.block_size)
+    allowed = (qpos // config.block_size) == (kpos // config.block_size)
   else:
-    near = jnp.abs(pos[:, None] - pos[None, :]) <= config.window
-  allowed = near[None]
+    allowed = jnp.abs(qpos - kpos) <= config.window
   if config.global_tokens:
-    is_global = (seg > 0) & (pos[None] - segment_starts(seg) < config.global_tokens)
-    allowed |= (is_global[:, :, None] | is_global[:, None, :]) & (qseg == kseg) & (qseg > 0)
+    is_global_BxL = (seg > 0) & (pos_L[None] - segment_starts(seg) < config.global_tokens)
+    is_global_q = jnp.take_along_axis(is_global_BxL, qpos_BxS, axis=1)[:, :, None]
+    allowed |= (is_global_q | is_global_BxL[:, None, :]) & (qseg == kseg) & (qseg > 0)
   return (base & allowed)[:, None]
 
 
@@ -357,11 +393,25 @@ class Attention(nn.Module):
   causal: bool = False
 
   @nn.compact
-  def __call__(self, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, deterministic: bool = True):
+  def __call__(
+    self,
+    q_BxLxHxD,
+    k_BxLxHxD,
+    v_BxLxHxD,
+    segment_ids_BxL,
+    *,
+    query_positions_BxS=None,
+    deterministic: bool = True,
+  ):
+    """Attention output ``[B, L, H, D]``; with ``query_positions_BxS``, q holds only those positions' queries
+    (``[B, S, H, D]``) and the output is theirs, computed densely under the kind's mask rows (`explicit_mask`)."""
     cfg = self.config
     rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
     rate = 0.0 if deterministic else self.dropout_rate
     dropout = dict(dropout_rate=rate, dropout_rng=rng)
+    if query_positions_BxS is not None:
+      mask = explicit_mask(segment_ids_BxL, cfg, causal=self.causal, query_positions_BxS=query_positions_BxS)
+      return masked_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, **dropout)
     if cfg.kind == "dense":
       return dense_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, causal=self.causal, **dropout)
     sparse = dict(mask=segment_ids_BxL, causal=self.causal, global_tokens=cfg.global_tokens, **dropout)

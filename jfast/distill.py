@@ -129,6 +129,8 @@ def _forward(model, params, batch, *, internals: bool, deterministic: bool, rng=
   )
   if not internals:
     return model.apply({"params": params}, batch.input_ids, **kwargs), None, None
+  if getattr(model, "last_layer_pooled_only", False):
+    model = model.clone(last_layer_pooled_only=False)  # the losses read every row of the last layer
   logits, state = model.apply(
     {"params": params}, batch.input_ids, capture_intermediates=_capture, mutable=["intermediates"], **kwargs
   )

@@ -97,7 +97,10 @@ def row_major(x: jax.Array) -> jax.Array:
   """
   if x.dtype != jnp.bfloat16:
     return x
+  return _physical_on_cpu(x)
 
+
+def _physical_on_cpu(x: jax.Array) -> jax.Array:
   def physical(a):
     return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
 
@@ -126,9 +129,15 @@ def _dense_grad_fwd(y_MxN, x_MxK, w_KxN):
   return y_MxN, (_row_major_transpose(x_MxK), w_KxN)
 
 
+def _dot_nt(a_MxK, b_NxK):
+  """``a @ b.T`` contracting both operands' last axes: XLA:CPU's bf16 kernel reads this form as it is (no copy),
+  where a contraction over an operand's first axis (``a.T @ b``) it upcasts to float32."""
+  return jax.lax.dot_general(a_MxK, b_NxK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _dense_grad_bwd(res, g_MxN):
   xt_KxM, w_KxN = res
-  dx = jax.lax.dot(g_MxN, _row_major_transpose(w_KxN.astype(g_MxN.dtype)), preferred_element_type=jnp.float32)
+  dx = _dot_nt(g_MxN, w_KxN.astype(g_MxN.dtype))
   dw = jax.lax.dot(xt_KxM, g_MxN, preferred_element_type=jnp.float32)
   return jnp.zeros_like(g_MxN), dx.astype(xt_KxM.dtype), dw.astype(w_KxN.dtype)
 
@@ -185,6 +194,19 @@ def _bmm(a_NxMxK, b_NxKxN):
   return jax.lax.dot_general(a_NxMxK, b_NxKxN, dims, preferred_element_type=jnp.float32)
 
 
+def _bmm_nt(a_NxMxK, b_NxNxK):
+  """Batched ``a @ b^T`` over the last axes of both (`_dot_nt`'s form, which the bf16 kernel takes as it is)."""
+  batch = tuple(range(a_NxMxK.ndim - 2))
+  dims = (((a_NxMxK.ndim - 1,), (b_NxNxK.ndim - 1,)), (batch, batch))
+  return jax.lax.dot_general(a_NxMxK, b_NxNxK, dims, preferred_element_type=jnp.float32)
+
+
+def _half_cotangent(g, dtype):
+  # A physical row-major copy: the cotangent often arrives as a transposed view (the attention output's head
+  # transpose), and the barrier inside row_major keeps XLA from folding the cast into the dots (float32 then).
+  return row_major(g.astype(dtype))
+
+
 @jax.custom_vjp
 def _matmul_grad(y_NxMxN, a_NxMxK, b_NxKxN):
   """Identity on ``y``; its VJP is the batched matmul's gradient, as row-major half x half -> float32 dots."""
@@ -198,11 +220,20 @@ def _matmul_grad_fwd(y_NxMxN, a_NxMxK, b_NxKxN):
 
 def _matmul_grad_bwd(res, g_NxMxN):
   a_NxMxK, b_NxKxN = res
-  # The barrier inside row_major also keeps XLA from folding the cast into the dot (it would then run in float32).
-  g_NxMxN = row_major(g_NxMxN.astype(a_NxMxK.dtype))
-  da = _bmm(g_NxMxN, _row_major_transpose(b_NxKxN)).astype(a_NxMxK.dtype)
-  db = _bmm(_row_major_transpose(a_NxMxK), g_NxMxN).astype(b_NxKxN.dtype)
+  g_NxMxN = _half_cotangent(g_NxMxN, a_NxMxK.dtype)
+  da = _bmm_nt(g_NxMxN, b_NxKxN).astype(a_NxMxK.dtype)
+  db = _transposed_operand_product(a_NxMxK, g_NxMxN).astype(b_NxKxN.dtype)
   return jnp.zeros_like(g_NxMxN), da, db
+
+
+def _transposed_operand_product(a_NxMxK, g_NxMxN):
+  """``a^T @ g`` (``[..., K, N]``, float32), a contraction over both operands' first axes, which the bf16 kernel
+  does not take: one operand is copied transposed, the smaller one (``g^T``, giving ``(g^T @ a)^T``, when N < K)."""
+  if g_NxMxN.shape[-1] >= a_NxMxK.shape[-1]:
+    return _bmm(_row_major_transpose(a_NxMxK), g_NxMxN)
+  # Pinned row-major: XLA would otherwise fold the swap into the product's output layout, which no CPU bf16 kernel
+  # writes.
+  return jnp.swapaxes(_physical_on_cpu(_bmm(_row_major_transpose(g_NxMxN), a_NxMxK)), -1, -2)
 
 
 _matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
@@ -214,8 +245,9 @@ def mixed_matmul(a_NxMxK: jax.Array, b_NxKxN: jax.Array) -> jax.Array:
   The attention products (``q @ k^T``, ``probs @ v``) are batched matmuls. Under autodiff their gradient dots
   contract over axes that are not the last of a row-major operand, so XLA:CPU's bf16 kernel (YNNPACK) declines them
   and the float-normalization pass runs them, and keeps their operands, in float32 (docs/precision.md). Written
-  here in the one form that kernel takes (row-major ``[..., M, K] @ [..., K, N]``, physical transposes), with a
-  custom VJP as `mixed_dot_general`. float32 operands give a plain ``jnp.matmul``.
+  here in the forms that kernel takes (``[..., M, K] @ [..., K, N]``, and ``@ [..., N, K]^T`` contracting last
+  axes), with one physical transpose where neither applies, and a custom VJP as `mixed_dot_general`. float32
+  operands give a plain ``jnp.matmul``.
 
   Args:
     a_NxMxK: ``[..., M, K]``.
@@ -225,7 +257,7 @@ def mixed_matmul(a_NxMxK: jax.Array, b_NxKxN: jax.Array) -> jax.Array:
     ``[..., M, N]`` in the operands' dtype.
 
   Example:
-    >>> logits_BxHxLxL = mixed_matmul(q_BxHxLxD, k_BxHxDxL)  # doctest: +SKIP
+    >>> out_BxHxLxD = mixed_matmul(probs_BxHxLxL, v_BxHxLxD)  # doctest: +SKIP
   """
   half = a_NxMxK.dtype in (jnp.bfloat16, jnp.float16) and b_NxKxN.dtype == a_NxMxK.dtype
   if not half:
@@ -233,6 +265,52 @@ def mixed_matmul(a_NxMxK: jax.Array, b_NxKxN: jax.Array) -> jax.Array:
   sg = jax.lax.stop_gradient
   y_NxMxN = _bmm(sg(a_NxMxK), sg(b_NxKxN)).astype(a_NxMxK.dtype)
   return _matmul_grad(y_NxMxN, a_NxMxK, b_NxKxN)
+
+
+@jax.custom_vjp
+def _matmul_nt_grad(y_NxMxN, a_NxMxK, b_NxNxK):
+  """Identity on ``y``; its VJP is the gradient of ``a @ b^T`` in the bf16 kernel's forms."""
+  del a_NxMxK, b_NxNxK
+  return y_NxMxN
+
+
+def _matmul_nt_grad_fwd(y_NxMxN, a_NxMxK, b_NxNxK):
+  return y_NxMxN, (a_NxMxK, b_NxNxK)
+
+
+def _matmul_nt_grad_bwd(res, g_NxMxN):
+  a_NxMxK, b_NxNxK = res
+  g_NxMxN = _half_cotangent(g_NxMxN, a_NxMxK.dtype)
+  da = _bmm(g_NxMxN, b_NxNxK).astype(a_NxMxK.dtype)
+  db = _transposed_operand_product(g_NxMxN, a_NxMxK).astype(b_NxNxK.dtype)
+  return jnp.zeros_like(g_NxMxN), da, db
+
+
+_matmul_nt_grad.defvjp(_matmul_nt_grad_fwd, _matmul_nt_grad_bwd)
+
+
+def mixed_matmul_nt(a_NxMxK: jax.Array, b_NxNxK: jax.Array) -> jax.Array:
+  """Batched ``a @ b^T`` (both operands' last axes contracted, as ``q @ k^T``), otherwise as `mixed_matmul`.
+
+  Taking ``b`` untransposed saves the copy of it `mixed_matmul` would need, in the forward pass and again in the
+  backward pass; the backward pass copies the (usually smaller) transposed cotangent once instead.
+
+  Args:
+    a_NxMxK: ``[..., M, K]``.
+    b_NxNxK: ``[..., N, K]``, same batch axes and dtype as ``a``.
+
+  Returns:
+    ``[..., M, N]`` in the operands' dtype.
+
+  Example:
+    >>> logits_BxHxLxL = mixed_matmul_nt(q_BxHxLxD, k_BxHxLxD)  # doctest: +SKIP
+  """
+  half = a_NxMxK.dtype in (jnp.bfloat16, jnp.float16) and b_NxNxK.dtype == a_NxMxK.dtype
+  if not half:
+    return jnp.matmul(a_NxMxK, jnp.swapaxes(b_NxNxK, -1, -2))
+  sg = jax.lax.stop_gradient
+  y_NxMxN = _bmm_nt(sg(a_NxMxK), sg(b_NxNxK)).astype(a_NxMxK.dtype)
+  return _matmul_nt_grad(y_NxMxN, a_NxMxK, b_NxNxK)
 
 
 @jax.custom_vjp

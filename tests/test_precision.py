@@ -16,7 +16,7 @@ from jfast.data import BatchingConfig, batch_from_rows
 from jfast.loop import LoopConfig, fit
 from jfast.loss_scale import DynamicLossScale, NoOpLossScale
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, load_hf_bert
-from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general, mixed_matmul
+from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general, mixed_matmul, mixed_matmul_nt
 from jfast.train import classification_loss, create_train_state, make_train_step
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
@@ -278,19 +278,52 @@ def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16
   # Head width 32 and rows of 64: at TINY's sizes XLA:CPU hands some dots to float32 for their size alone (as it
   # does the classifier's input gradient, a contraction over 2 labels, whatever the sizes: not counted).
   policy = get_policy("bf16")
-  model = BertForSequenceClassification(
-    policy.configure(TINY.replace(hidden_size=128, intermediate_size=256)), num_labels=2
-  )
-  params = model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
-  state = create_train_state(model, params, optax.adamw(1e-3), policy=policy)
   rows = [rng.integers(1, TINY.vocab_size, size=n) for n in (60, 41, 64, 33, 50, 64, 20, 64)]
   batch = batch_from_rows(rows, rng.integers(0, 2, size=8), 64, pad_id=0)
-  step = make_train_step(classification_loss(model), policy=policy)
-  operand_types = _dot_operand_types(step.lower(state, batch).compile().as_text(), "encoder_layer")
-  if ("bf16", "bf16") not in operand_types:
-    pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
-  assert len(operand_types) == 2 * (6 * 3 + 2 * 3), operand_types  # 6 Dense + 2 attention products, 3 dots each
-  assert set(operand_types) == {("bf16", "bf16")}, operand_types
+  for pooled_only in (False, True):
+    model = BertForSequenceClassification(
+      policy.configure(TINY.replace(hidden_size=128, intermediate_size=256)),
+      num_labels=2,
+      last_layer_pooled_only=pooled_only,
+    )
+    params = model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
+    state = create_train_state(model, params, optax.adamw(1e-3), policy=policy)
+    step = make_train_step(classification_loss(model), policy=policy)
+    operand_types = _dot_operand_types(step.lower(state, batch).compile().as_text(), "encoder_layer")
+    if ("bf16", "bf16") not in operand_types:
+      pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
+    if not pooled_only:  # 6 Dense + 2 attention products, 3 dots each (one [CLS] query makes some of these scalar)
+      assert len(operand_types) == 2 * (6 * 3 + 2 * 3), operand_types
+    assert set(operand_types) == {("bf16", "bf16")}, (pooled_only, operand_types)
+
+
+def test_mixed_matmul_nt_gradients_against_float64_and_no_copy_of_b():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(3, 4, 24, 32))
+  b = rng.normal(size=(3, 4, 40, 32))
+  g = rng.normal(size=(3, 4, 24, 40))
+  a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+
+  def loss(a, b):
+    return jnp.sum(mixed_matmul_nt(a, b).astype(jnp.float32) * g)
+
+  y = mixed_matmul_nt(a16, b16)
+  da, db = jax.jit(jax.grad(loss, (0, 1)))(a16, b16)
+  assert y.dtype == da.dtype == db.dtype == BF16
+  a64, b64 = np.asarray(a16, np.float64), np.asarray(b16, np.float64)
+  g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+  bt64 = np.swapaxes(b64, -1, -2)
+  for got, want in ((y, a64 @ bt64), (da, g64 @ b64), (db, np.swapaxes(g64, -1, -2) @ a64)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0.02, atol=0.01 * np.abs(want).max())
+  f32 = mixed_matmul_nt(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+  want32 = a @ np.swapaxes(b, -1, -2)
+  np.testing.assert_allclose(f32, want32, rtol=1e-5, atol=1e-5 * np.abs(want32).max())
+  if jax.default_backend() != "cpu":
+    return
+  # The forward product reads b as it is: one bf16 dot and no transposing copy of b.
+  hlo = jax.jit(mixed_matmul_nt).lower(a16, b16).compile().as_text()
+  assert _dot_operand_types(hlo, "") == [("bf16", "bf16")], hlo
+  assert "transpose" not in hlo, hlo
 
 
 def test_mixed_dense_casts_the_master_kernel_inside_and_keeps_no_half_copy():

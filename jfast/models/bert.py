@@ -159,18 +159,33 @@ class BertLayer(nn.Module):
   index: int = 0  # which encoder layer: picks its sizes when pruning made them differ
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, deterministic: bool):
+  def __call__(self, x_BxLxD, segment_ids_BxL, deterministic: bool, query_positions_BxS=None):
+    """The layer's output ``[B, L, D]``; with ``query_positions_BxS``, only those positions' rows ``[B, S, D]``.
+
+    Keys and values always cover the whole row; the query, the attention output, the FFN and both norms then run
+    on the ``S`` rows only (a classifier's last layer needs nothing else).
+    """
     cfg = self.config
     batch, length, _ = x_BxLxD.shape
     (heads, ffn), head_dim = cfg.layer_sizes(self.index), cfg.head_dim
 
-    def project(name):
-      y_BxLxD = _dense(cfg, heads * head_dim, name)(x_BxLxD)
-      return checkpoint_name(y_BxLxD, f"{name}_proj").reshape(batch, length, heads, head_dim)
+    def project(name, x_BxTxD):
+      y_BxTxD = _dense(cfg, heads * head_dim, name)(x_BxTxD)
+      return checkpoint_name(y_BxTxD, f"{name}_proj").reshape(batch, x_BxTxD.shape[1], heads, head_dim)
 
-    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = project("query"), project("key"), project("value")
+    keys_BxTxD = x_BxLxD
+    if query_positions_BxS is not None:
+      x_BxLxD = jnp.take_along_axis(x_BxLxD, query_positions_BxS[:, :, None].astype(jnp.int32), axis=1)
+      length = x_BxLxD.shape[1]
+    q_BxLxHxD = project("query", x_BxLxD)
+    k_BxTxHxD, v_BxTxHxD = project("key", keys_BxTxD), project("value", keys_BxTxD)
     attn_BxLxHxD = Attention(cfg.attention, dropout_rate=cfg.attention_probs_dropout_prob, name="attention")(
-      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, deterministic=deterministic
+      q_BxLxHxD,
+      k_BxTxHxD,
+      v_BxTxHxD,
+      segment_ids_BxL,
+      query_positions_BxS=query_positions_BxS,
+      deterministic=deterministic,
     )
     attn_BxLxD = _dense(cfg, cfg.hidden_size, "attention_output")(attn_BxLxHxD.reshape(batch, length, -1))
     attn_BxLxD = checkpoint_name(attn_BxLxD, "attention_out")
@@ -221,10 +236,20 @@ class BertModel(nn.Module):
   ``model.apply({'params': params}, input_ids, attention_mask)`` returns ``(last_hidden_BxLxD, pooled)``.
   Packed rows pass ``segment_ids`` and per-segment ``position_ids`` instead of ``attention_mask``, and
   ``cls_positions[B, S]`` to pool one vector per packed example (``pooled`` is then ``[B, S, D]``).
+
+  Attributes:
+    config: the encoder's sizes and switches.
+    add_pooling_layer: whether to pool (``pooled`` is None without).
+    last_layer_pooled_only: run the last layer at the pooled positions only: its keys and values still cover
+      every token, but its query, attention output, FFN and norms run on the [CLS] rows alone (one per example),
+      the only rows the pooler reads. The pooled output is unchanged (up to float rounding, tested) at 1/6 less
+      encoder work for a 6-layer model; the first output is then those rows' hidden states, ``[B, S, D]``
+      (``[B, 1, D]`` without ``cls_positions``). Needs ``add_pooling_layer``.
   """
 
   config: BertConfig
   add_pooling_layer: bool = True
+  last_layer_pooled_only: bool = False
 
   @nn.compact
   def __call__(
@@ -246,13 +271,22 @@ class BertModel(nn.Module):
     x_BxLxD = BertEmbeddings(cfg, name="embeddings")(
       input_ids, token_type_ids_BxL, position_ids_BxL, deterministic=deterministic
     )
+    if self.last_layer_pooled_only and not self.add_pooling_layer:
+      raise ValueError("last_layer_pooled_only needs add_pooling_layer=True: without a pooler every row is output")
     layer_cls = _layer_class(cfg)
+    pooled_rows_BxS = None
+    if self.last_layer_pooled_only:
+      pooled_rows_BxS = jnp.zeros((input_ids.shape[0], 1), jnp.int32) if cls_positions is None else cls_positions
+    last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
-      x_BxLxD = layer_cls(cfg, index=i, name=f"encoder_layer_{i}")(x_BxLxD, segment_ids_BxL, deterministic)
+      rows = pooled_rows_BxS if i == last else None
+      x_BxLxD = layer_cls(cfg, index=i, name=f"encoder_layer_{i}")(x_BxLxD, segment_ids_BxL, deterministic, rows)
     if not self.add_pooling_layer:
       return x_BxLxD, None
     if cls_positions is None:
       cls_BxD = x_BxLxD[:, 0]
+    elif self.last_layer_pooled_only:
+      cls_BxD = x_BxLxD
     else:
       cls_BxD = jnp.take_along_axis(x_BxLxD, cls_positions[:, :, None].astype(jnp.int32), axis=1)
     pooled = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(cls_BxD)).astype(jnp.float32)
@@ -264,10 +298,18 @@ class BertForSequenceClassification(nn.Module):
 
   Returns float32 logits ``[B, num_labels]``, or ``[B, S, num_labels]`` when ``cls_positions[B, S]`` is given
   (packed rows: one prediction per packed example).
+
+  Attributes:
+    config: the encoder's sizes and switches.
+    num_labels: classes of the head.
+    last_layer_pooled_only: the last encoder layer runs at the [CLS] rows only (`BertModel`); the logits are the
+      same. On by default; code that reads the last layer's other rows (hidden-state distillation, activation
+      calibration) turns it off with ``model.clone(last_layer_pooled_only=False)``.
   """
 
   config: BertConfig
   num_labels: int = 2
+  last_layer_pooled_only: bool = True
 
   @nn.compact
   def __call__(
@@ -281,7 +323,7 @@ class BertForSequenceClassification(nn.Module):
     cls_positions=None,
     deterministic: bool = True,
   ):
-    _, pooled = BertModel(self.config, name="bert")(
+    _, pooled = BertModel(self.config, last_layer_pooled_only=self.last_layer_pooled_only, name="bert")(
       input_ids,
       attention_mask,
       token_type_ids,

@@ -145,6 +145,9 @@ def calibrate(
   if is_quantized(params):
     raise ValueError("calibrate runs the float model; got already quantized params")
   names = set(layers)
+  if getattr(model, "last_layer_pooled_only", False):
+    # Every token's range, as before the last layer learnt to skip rows: the scales then serve either form.
+    model = model.clone(last_layer_pooled_only=False)
 
   @jax.jit
   def token_absmax(params, batch):
