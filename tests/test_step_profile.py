@@ -47,6 +47,8 @@ def test_gpt_configs_and_bad_config_names():
     _spec("no_such_config")
   with pytest.raises(SystemExit, match="jfast side only"):
     main(["--config", "gpt_bf16", "--side", "torch"])
+  with pytest.raises(SystemExit, match="no \\[CLS\\] rows"):
+    main(["--config", "gpt_bf16", "--ab", "clsonly"])
 
 
 def test_xla_flag_sets_each_run_in_their_own_environment(monkeypatch):
