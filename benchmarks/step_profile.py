@@ -290,6 +290,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
 
   import jfast.activations as activations
   import jfast.attention as attention
+  import jfast.mixed_dots as mixed_dots
   import jfast.models.bert as bert
   import jfast.models.gpt as gpt
   import jfast.optimizer as optimizer
@@ -310,7 +311,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "autodiff's bias gradient (XLA reduce)": lambda: setattr(
         precision, "add_bias", lambda y, b: y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
       ),
-      "jfast.precision.add_bias (ones @ g)": lambda: None,
+      "jfast.mixed_dots.add_bias (ones @ g)": lambda: None,
     }
   elif what == "gelu":
     variants = {
@@ -342,16 +343,16 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
 
     def transposed_copies():
       def dot_nt(a, b):
-        return jax.lax.dot(a, precision.row_major(b.T), preferred_element_type=jax.numpy.float32)
+        return jax.lax.dot(a, mixed_dots.row_major(b.T), preferred_element_type=jax.numpy.float32)
 
       def bmm_nt(a, b):
-        return precision._bmm(a, precision._row_major_transpose(b))
+        return mixed_dots._bmm(a, mixed_dots._row_major_transpose(b))
 
       def matmul_nt(a, b):
-        return precision.mixed_matmul(a, precision._row_major_transpose(b))
+        return mixed_dots.mixed_matmul(a, mixed_dots._row_major_transpose(b))
 
-      precision._dot_nt = dot_nt
-      precision._bmm_nt = bmm_nt
+      mixed_dots._dot_nt = dot_nt
+      mixed_dots._bmm_nt = bmm_nt
       attention.mixed_matmul_nt = matmul_nt
 
     variants = {
@@ -361,10 +362,10 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
   elif what == "rowmajor":
     variants = {
       "no row-major copies (XLA picks the layouts)": lambda: (
-        setattr(precision, "row_major", lambda x: x),
+        setattr(mixed_dots, "row_major", lambda x: x),
         setattr(attention, "row_major", lambda x: x),
       ),
-      "jfast.precision.row_major copies": lambda: None,
+      "jfast.mixed_dots.row_major copies": lambda: None,
     }
   else:
     variants = {
@@ -372,9 +373,9 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "jfast.clipping.clip_by_global_norm": lambda: None,
     }
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
-  patched += [(precision, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
+  patched += [(mixed_dots, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
   patched += [(activations, "gelu"), (gpt, "row_major")]
-  patched += [(precision, "_dot_nt"), (precision, "_bmm_nt"), (attention, "mixed_matmul_nt")]
+  patched += [(mixed_dots, "_dot_nt"), (mixed_dots, "_bmm_nt"), (attention, "mixed_matmul_nt")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
   if what == "clsonly":

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jfast.dropout import dropout
-from jfast.precision import mixed_matmul, mixed_matmul_nt, row_major
+from jfast.mixed_dots import mixed_matmul, mixed_matmul_nt, row_major
 from jfast.sparse_attention import check_qkv, segment_starts, sparse_attention
 
 ATTENTION_KINDS = ("dense", "sliding_window", "blockwise")

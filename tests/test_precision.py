@@ -15,8 +15,9 @@ from flax import linen as nn
 from jfast.data import BatchingConfig, batch_from_rows
 from jfast.loop import LoopConfig, fit
 from jfast.loss_scale import DynamicLossScale, NoOpLossScale
+from jfast.mixed_dots import mixed_matmul, mixed_matmul_nt
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, load_hf_bert
-from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general, mixed_matmul, mixed_matmul_nt
+from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general
 from jfast.train import classification_loss, create_train_state, make_train_step
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)

@@ -21,9 +21,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jfast.activations import ACTIVATIONS
 from jfast.dropout import Dropout
+from jfast.mixed_dots import row_major
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.models.bert import _DTYPES, _RematLayerNorm
-from jfast.precision import MixedDense, mixed_dot_general, row_major
+from jfast.precision import MixedDense, mixed_dot_general
 from jfast.remat import remat_policy
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
