@@ -16,8 +16,9 @@ import jax.numpy as jnp
 def row_major(x: jax.Array) -> jax.Array:
   """``x`` unchanged in value; under bf16 on CPU, a physical row-major copy of it (e.g. after a transpose).
 
-  XLA folds a transpose into a layout (a strided view), and XLA:CPU's bf16 matmul kernel (YNNPACK) takes row-major
-  operands only: it upcasts a dot on a transposed view to float32. Flattening forces a physical copy, and the
+  XLA folds a transpose into a layout (a strided view), and XLA:CPU's bf16 matmul kernel (YNNPACK) takes no such
+  view (beyond a right operand contracted on its last axis, `mixed_matmul_nt`'s form): it upcasts the dot to
+  float32. Flattening forces a physical copy, and the
   barrier keeps the simplifier from folding the reshapes away again. GPU matmul libraries read transposed operands
   directly, and XLA:CPU has no float16 kernel at all, so other platforms and dtypes get ``x`` as it is.
   """
