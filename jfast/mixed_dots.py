@@ -9,6 +9,8 @@ the same code runs as plain dots: the copies are CPU-only (`jax.lax.platform_dep
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -134,23 +136,29 @@ def _half_cotangent(g, dtype):
   return row_major(g.astype(dtype))
 
 
-@jax.custom_vjp
-def _matmul_grad(y_NxMxN, a_NxMxK, b_NxKxN):
-  """Identity on ``y``; its VJP is the batched matmul's gradient, as row-major half x half -> float32 dots."""
-  del a_NxMxK, b_NxKxN
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _matmul_grad(nt, y_NxMxN, a_NxMxK, b):
+  """Identity on ``y``; its VJP is the gradient of ``a @ b`` (``a @ b^T`` when ``nt``) in the bf16 kernel's forms."""
+  del nt, a_NxMxK, b
   return y_NxMxN
 
 
-def _matmul_grad_fwd(y_NxMxN, a_NxMxK, b_NxKxN):
-  return y_NxMxN, (a_NxMxK, b_NxKxN)
+def _matmul_grad_fwd(nt, y_NxMxN, a_NxMxK, b):
+  del nt
+  return y_NxMxN, (a_NxMxK, b)
 
 
-def _matmul_grad_bwd(res, g_NxMxN):
-  a_NxMxK, b_NxKxN = res
+def _matmul_grad_bwd(nt, res, g_NxMxN):
+  a_NxMxK, b = res
   g_NxMxN = _half_cotangent(g_NxMxN, a_NxMxK.dtype)
-  da = _bmm_nt(g_NxMxN, b_NxKxN).astype(a_NxMxK.dtype)
-  db = _transposed_operand_product(a_NxMxK, g_NxMxN).astype(b_NxKxN.dtype)
-  return jnp.zeros_like(g_NxMxN), da, db
+  if nt:  # b is [..., N, K]: da = g @ b, db = g^T @ a
+    da, db = _bmm(g_NxMxN, b), _transposed_operand_product(g_NxMxN, a_NxMxK)
+  else:  # b is [..., K, N]: da = g @ b^T, db = a^T @ g
+    da, db = _bmm_nt(g_NxMxN, b), _transposed_operand_product(a_NxMxK, g_NxMxN)
+  return jnp.zeros_like(g_NxMxN), da.astype(a_NxMxK.dtype), db.astype(b.dtype)
+
+
+_matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
 
 
 def _transposed_operand_product(a_NxMxK, g_NxMxN):
@@ -163,7 +171,13 @@ def _transposed_operand_product(a_NxMxK, g_NxMxN):
   return jnp.swapaxes(_physical_on_cpu(_bmm(_row_major_transpose(g_NxMxN), a_NxMxK)), -1, -2)
 
 
-_matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
+def _mixed_bmm(a_NxMxK, b, *, nt: bool):
+  half = a_NxMxK.dtype in (jnp.bfloat16, jnp.float16) and b.dtype == a_NxMxK.dtype
+  if not half:
+    return jnp.matmul(a_NxMxK, jnp.swapaxes(b, -1, -2) if nt else b)
+  sg = jax.lax.stop_gradient
+  y_NxMxN = (_bmm_nt if nt else _bmm)(sg(a_NxMxK), sg(b)).astype(a_NxMxK.dtype)
+  return _matmul_grad(nt, y_NxMxN, a_NxMxK, b)
 
 
 def mixed_matmul(a_NxMxK: jax.Array, b_NxKxN: jax.Array) -> jax.Array:
@@ -186,34 +200,7 @@ def mixed_matmul(a_NxMxK: jax.Array, b_NxKxN: jax.Array) -> jax.Array:
   Example:
     >>> out_BxHxLxD = mixed_matmul(probs_BxHxLxL, v_BxHxLxD)  # doctest: +SKIP
   """
-  half = a_NxMxK.dtype in (jnp.bfloat16, jnp.float16) and b_NxKxN.dtype == a_NxMxK.dtype
-  if not half:
-    return jnp.matmul(a_NxMxK, b_NxKxN)
-  sg = jax.lax.stop_gradient
-  y_NxMxN = _bmm(sg(a_NxMxK), sg(b_NxKxN)).astype(a_NxMxK.dtype)
-  return _matmul_grad(y_NxMxN, a_NxMxK, b_NxKxN)
-
-
-@jax.custom_vjp
-def _matmul_nt_grad(y_NxMxN, a_NxMxK, b_NxNxK):
-  """Identity on ``y``; its VJP is the gradient of ``a @ b^T`` in the bf16 kernel's forms."""
-  del a_NxMxK, b_NxNxK
-  return y_NxMxN
-
-
-def _matmul_nt_grad_fwd(y_NxMxN, a_NxMxK, b_NxNxK):
-  return y_NxMxN, (a_NxMxK, b_NxNxK)
-
-
-def _matmul_nt_grad_bwd(res, g_NxMxN):
-  a_NxMxK, b_NxNxK = res
-  g_NxMxN = _half_cotangent(g_NxMxN, a_NxMxK.dtype)
-  da = _bmm(g_NxMxN, b_NxNxK).astype(a_NxMxK.dtype)
-  db = _transposed_operand_product(g_NxMxN, a_NxMxK).astype(b_NxNxK.dtype)
-  return jnp.zeros_like(g_NxMxN), da, db
-
-
-_matmul_nt_grad.defvjp(_matmul_nt_grad_fwd, _matmul_nt_grad_bwd)
+  return _mixed_bmm(a_NxMxK, b_NxKxN, nt=False)
 
 
 def mixed_matmul_nt(a_NxMxK: jax.Array, b_NxNxK: jax.Array) -> jax.Array:
@@ -232,12 +219,7 @@ def mixed_matmul_nt(a_NxMxK: jax.Array, b_NxNxK: jax.Array) -> jax.Array:
   Example:
     >>> logits_BxHxLxL = mixed_matmul_nt(q_BxHxLxD, k_BxHxLxD)  # doctest: +SKIP
   """
-  half = a_NxMxK.dtype in (jnp.bfloat16, jnp.float16) and b_NxNxK.dtype == a_NxMxK.dtype
-  if not half:
-    return jnp.matmul(a_NxMxK, jnp.swapaxes(b_NxNxK, -1, -2))
-  sg = jax.lax.stop_gradient
-  y_NxMxN = _bmm_nt(sg(a_NxMxK), sg(b_NxNxK)).astype(a_NxMxK.dtype)
-  return _matmul_nt_grad(y_NxMxN, a_NxMxK, b_NxNxK)
+  return _mixed_bmm(a_NxMxK, b_NxNxK, nt=True)
 
 
 @jax.custom_vjp

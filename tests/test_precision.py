@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -254,23 +255,30 @@ def test_mixed_dot_general_gradients_and_cpu_kernels():
   assert set(operand_types) == {("bf16", "bf16")}, operand_types
 
 
+def _check_bf16_product_against_float64(product, a, b, g, wants):
+  """``product``'s bf16 output and gradients (cotangent ``g``) against ``wants(a64, b64, g64) -> (y, da, db)``,
+  float64 on the bf16-rounded inputs."""
+  a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+
+  def loss(a, b):
+    return jnp.sum(product(a, b).astype(jnp.float32) * g)
+
+  y = product(a16, b16)
+  da, db = jax.jit(jax.grad(loss, (0, 1)))(a16, b16)
+  assert y.dtype == da.dtype == db.dtype == BF16
+  a64, b64 = np.asarray(a16, np.float64), np.asarray(b16, np.float64)
+  g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)  # the cotangent reaches the dots rounded to bf16
+  for got, want in zip((y, da, db), wants(a64, b64, g64), strict=True):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0.02, atol=0.01 * np.abs(want).max())
+
+
 def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16():
   rng = np.random.default_rng(2)
   a = rng.normal(size=(3, 4, 24, 32))
   b = rng.normal(size=(3, 4, 32, 40))
   g = rng.normal(size=(3, 4, 24, 40))
-  a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
-
-  def loss(a, b):
-    return jnp.sum(mixed_matmul(a, b).astype(jnp.float32) * g)
-
-  y = mixed_matmul(a16, b16)
-  da, db = jax.jit(jax.grad(loss, (0, 1)))(a16, b16)
-  assert y.dtype == da.dtype == db.dtype == BF16
-  a64, b64 = np.asarray(a16, np.float64), np.asarray(b16, np.float64)
-  g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)  # the cotangent reaches the dots rounded to bf16
-  for got, want in ((y, a64 @ b64), (da, g64 @ np.swapaxes(b64, -1, -2)), (db, np.swapaxes(a64, -1, -2) @ g64)):
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0.02, atol=0.01 * np.abs(want).max())
+  t = functools.partial(np.swapaxes, axis1=-1, axis2=-2)
+  _check_bf16_product_against_float64(mixed_matmul, a, b, g, lambda a, b, g: (a @ b, g @ t(b), t(a) @ g))
   np.testing.assert_array_equal(mixed_matmul(jnp.asarray(a), jnp.asarray(b)), jnp.matmul(a, b))  # float32: plain
   if jax.default_backend() != "cpu":
     return
@@ -303,19 +311,9 @@ def test_mixed_matmul_nt_gradients_against_float64_and_no_copy_of_b():
   a = rng.normal(size=(3, 4, 24, 32))
   b = rng.normal(size=(3, 4, 40, 32))
   g = rng.normal(size=(3, 4, 24, 40))
+  t = functools.partial(np.swapaxes, axis1=-1, axis2=-2)
+  _check_bf16_product_against_float64(mixed_matmul_nt, a, b, g, lambda a, b, g: (a @ t(b), g @ b, t(g) @ a))
   a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
-
-  def loss(a, b):
-    return jnp.sum(mixed_matmul_nt(a, b).astype(jnp.float32) * g)
-
-  y = mixed_matmul_nt(a16, b16)
-  da, db = jax.jit(jax.grad(loss, (0, 1)))(a16, b16)
-  assert y.dtype == da.dtype == db.dtype == BF16
-  a64, b64 = np.asarray(a16, np.float64), np.asarray(b16, np.float64)
-  g64 = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
-  bt64 = np.swapaxes(b64, -1, -2)
-  for got, want in ((y, a64 @ bt64), (da, g64 @ b64), (db, np.swapaxes(g64, -1, -2) @ a64)):
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0.02, atol=0.01 * np.abs(want).max())
   f32 = mixed_matmul_nt(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
   want32 = a @ np.swapaxes(b, -1, -2)
   np.testing.assert_allclose(f32, want32, rtol=1e-5, atol=1e-5 * np.abs(want32).max())
