@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 from benchmarks import common, data, report
 from benchmarks.configs import CONFIGS, DEFAULT_CONFIGS, MFU_CONFIGS, MODELS, TASKS, RunSpec, specs_for
 from jfast.hugepages import hugepage_env
+from jfast.runs import cpu_description
 
 REPO = Path(__file__).resolve().parent.parent
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -236,14 +236,6 @@ def measure_peak(work: Path, log_dir: Path) -> float | None:
   return json.loads(out.read_text())["peak_tflops"] if out.is_file() else None
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-  except OSError:
-    return platform.machine()
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   specs = {name: specs_for(CONFIGS[name], _base(args)) for name in args.configs}
@@ -281,7 +273,7 @@ def main(argv=None) -> dict:
     repeats=args.repeats,
     threads=args.threads,
     hugepages=args.hugepages,
-    device=first.get("device", "cpu") if first.get("device", "cpu") != "cpu" else f"CPU ({_cpu_name()})",
+    device=first.get("device", "cpu") if first.get("device", "cpu") != "cpu" else f"CPU: {cpu_description()}",
     cores=os.cpu_count(),
     peak_tflops=peak_tflops,
     peak_measured=peak is not None,

@@ -257,7 +257,11 @@ def rerender(path: Path) -> str:
   summary.update(rows=rows, best_vs_best=verdict)
   Path(path).write_text(json.dumps(summary, indent=1))
   Path(path).with_suffix(".md").write_text(f"`{meta['command']}`\n\n{md}")
-  chart(rows, Path(path).with_suffix(".png"), f"jfast vs PyTorch: {meta['task']}, {meta['model']}, {meta['device']}")
+  chart(
+    rows,
+    Path(path).with_suffix(".png"),
+    f"jfast vs PyTorch: {meta['task']}, {meta['model']}, {meta['device'].split(' (')[0]}",
+  )
   return md
 
 

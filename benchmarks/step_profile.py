@@ -17,7 +17,8 @@ categories read from the HLO metadata: matrix products, dropout masks, the embed
 copies, optimizer update and the remaining forward / backward elementwise work. A/B mode builds both variants of
 the step in one process and alternates them step by step, so machine noise hits both alike; medians after warm-up.
 ``--ab hugepages`` cannot share a process (glibc reads the tunable at start): it alternates fresh processes with and
-without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), three of each, and reports each median;
+without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), and with it plus `jfast.hugepages.RETAIN`
+(freed buffers kept in the process), three of each, and reports each median;
 ``--ab xla_flags`` does the same for XLA:CPU compiler flags (`XLA_FLAG_VARIANTS`, or ``--xla-flags``) against XLA's
 defaults.
 ``--side torch`` profiles the PyTorch step of the same config on the same batches with `torch.profiler`, by the
@@ -464,11 +465,16 @@ def ab_xla_flags(args) -> str:
 
 
 def ab_hugepages(args) -> str:
-  """Fresh processes alternated with and without the glibc tunable; each reports its median step."""
+  """Fresh processes alternated: no tunable, huge pages, huge pages with freed memory retained; each reports its
+  median step."""
   from jfast.hugepages import hugepage_env
 
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JFAST_HUGEPAGES")}
-  envs = {"4 KiB pages (default)": base, "glibc.malloc.hugetlb=1": hugepage_env(base)}
+  envs = {
+    "4 KiB pages (default)": base,
+    "glibc.malloc.hugetlb=1": hugepage_env(base),
+    "hugetlb=1 + freed memory retained (RETAIN)": hugepage_env(base, retain=True),
+  }
   return _env_table(args, _env_runs(args, envs, 3), "allocation")
 
 

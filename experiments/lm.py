@@ -46,11 +46,12 @@ from jfast.data.lm import (
   split_documents,
 )
 from jfast.freezing import freeze, freeze_mask
-from jfast.hugepages import TUNABLE, ensure_hugepages
+from jfast.hugepages import ensure_hugepages, tunables_set
 from jfast.models.attention import AttentionConfig
 from jfast.models.gpt import GPT, GPTConfig, init_gpt
 from jfast.models.gpt_io import save_hf_gpt2
 from jfast.precision import get_policy
+from jfast.runs import cpu_description
 from jfast.train import OptimizerConfig, create_train_state, make_eval_step, make_optimizer, make_train_step
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -371,7 +372,9 @@ def run(args) -> dict:
     params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
     device=jax.devices()[0].device_kind,
     cpu_count=os.cpu_count(),
-    hugepages=TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+    cpu=cpu_description(),
+    hugepages=tunables_set(),
+    retain_freed=tunables_set(retain=True),
   )
   return {"setup": setup, "sides": report, "summary": summary}
 
@@ -385,8 +388,9 @@ def markdown(result: dict) -> str:
   lines = [
     f"GPT {s['layers']} layers, d={s['d_model']}, {s['heads']} heads, context {s['length']}, BPE vocab {s['vocab']} "
     f"({s['params']:,} parameters), tiny-shakespeare 90/10 split, {s['steps']} steps of {s['batch_size']} x "
-    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s['cpu_count']} cores, shared); "
-    f"glibc huge pages (both sides, one process): {'on' if s.get('hugepages') else 'off'}.",
+    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s.get('cpu', 'CPU not recorded')}, {s['cpu_count']} cores); "
+    f"glibc huge pages (both sides, one process): {'on' if s.get('hugepages') else 'off'}"
+    f"{', freed memory retained (jfast.hugepages.RETAIN)' if s.get('retain_freed') else ''}.",
     "",
     "| side | compile s | first step s | median step s | tokens/s | final val loss | time to target s | memory |",
     "|---|---|---|---|---|---|---|---|",
@@ -486,7 +490,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  # Both sides run in this one process and both step faster with huge pages for their big fresh buffers
-  # (jfast.hugepages; benchmarks.step_profile --config gpt_bf16 --ab hugepages), so the process takes them.
-  ensure_hugepages()
+  # Both sides run in this one process. Huge pages make both step faster, and keeping freed memory in the process
+  # spares jfast's step re-faulting its 331 MiB of temporaries (and the slow-step tail that came with it); PyTorch
+  # is level with it (jfast.hugepages; benchmarks.step_profile --config gpt_fp32 --ab hugepages).
+  ensure_hugepages(retain=True)
   main()

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
   if argv is None and wants_hugepages(args):
     from jfast.hugepages import ensure_hugepages
 
-    ensure_hugepages()
+    ensure_hugepages(retain=(args.command, getattr(args, "name", None)) == ("experiment", "lm"))
   try:
     if args.command in ("finetune", "distill"):
       _finetune(args.command, args.config, args.words, args.runs)

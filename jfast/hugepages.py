@@ -16,6 +16,18 @@ PyTorch's MiniLM step does not gain from it on this machine: its eager CPU step 
 (median of three processes each; the cause was not investigated), so `benchmarks.compare` sets it for the jfast
 side only and says so in its table. Its GPT-2 step in `experiments.lm` gained in bf16 and was level in fp32, so
 that experiment, whose two sides share one process, runs with it on both.
+
+Huge pages make each fault cheaper, but the faults remain: glibc returns every freed buffer above its mmap
+threshold (at most 32 MiB) to the kernel, so XLA's 331 MiB of step temporaries for the GPT are mapped, zero-filled
+and unmapped again every step. ``retain=True`` adds three more tunables (`RETAIN`): no ``mmap`` for large blocks
+(they come from the heap), a heap top that is never trimmed, and one arena (the threads' own arenas are shrunk
+with ``MADV_DONTNEED`` on their own schedule). Freed buffers then stay in the process for the next step. On a
+2-core AVX2 EPYC (``python -m benchmarks.step_profile --config gpt_fp32 --ab hugepages``, three fresh processes
+each) the fp32 GPT step of `experiments.lm` went 659 -> 576 ms (1.14x; 70 ms of kernel time and ~450 faults a step
+-> none), and the slow-step tail of that experiment's one-process comparison went away (30 -> 3 of 118 steps over
+1.3x the median); MiniLM's packed step, whose temporaries are small, was level (345 -> 337 ms, inside the spread
+between processes). The price is that a process keeps its peak memory until it exits, so only `experiments.lm`
+(and ``jfast experiment lm``) asks for it; PyTorch's GPT-2 step, in the same process, was level with it.
 """
 
 from __future__ import annotations
@@ -27,27 +39,41 @@ from collections.abc import Mapping
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+# Freed memory stays in the process (see the module docstring): heap instead of mmap, no trimming, one arena.
+RETAIN = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}", "glibc.malloc.arena_max=1")
 _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def hugepage_env(environ: Mapping[str, str] | None = None, enabled: bool = True) -> dict[str, str]:
+def hugepage_env(
+  environ: Mapping[str, str] | None = None, enabled: bool = True, retain: bool = False
+) -> dict[str, str]:
   """A copy of ``environ`` (default: this process's) with the huge-page tunable added to ``GLIBC_TUNABLES``.
 
   Other tunables already there are kept (the variable is a colon-separated list). ``enabled=False`` removes the
-  tunable instead (for a child process that should run without it, such as the PyTorch side of a benchmark).
+  tunable instead (for a child process that should run without it, such as the PyTorch side of a benchmark), and
+  the `RETAIN` settings with it (the same values only: a user's own ``arena_max=2`` stays). ``retain=True`` adds `RETAIN` as well (freed buffers stay in the process), replacing
+  any other value of those three.
 
   Example:
     >>> hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
     'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
   """
   env = dict(os.environ if environ is None else environ)
-  items = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
-  items += [TUNABLE] if enabled else []
+  names = [TUNABLE.split("=")[0]] + ([r.split("=")[0] for r in RETAIN] if retain else [])
+  items = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] not in names]
+  items = [t for t in items if enabled or t not in RETAIN]  # a user's own arena_max=2 stays
+  items += ([TUNABLE] + (list(RETAIN) if retain else [])) if enabled else []
   if items:
     env["GLIBC_TUNABLES"] = ":".join(items)
   else:
     env.pop("GLIBC_TUNABLES", None)
   return env
+
+
+def tunables_set(retain: bool = False, environ: Mapping[str, str] | None = None) -> bool:
+  """Whether ``environ`` (default: this process's) already has the huge-page tunable (and `RETAIN`, if asked)."""
+  have = set((os.environ if environ is None else environ).get("GLIBC_TUNABLES", "").split(":"))
+  return TUNABLE in have and (not retain or set(RETAIN) <= have)
 
 
 def hugepages_supported() -> bool:
@@ -67,17 +93,18 @@ def hugepages_supported() -> bool:
     return False
 
 
-def ensure_hugepages() -> None:
+def ensure_hugepages(retain: bool = False) -> None:
   """Re-executes this process once with the tunable set, where it helps and is not set yet; otherwise returns.
 
   Call it first thing in a command-line entry point (never from library code: it replaces the process). The
-  command is repeated as it was given (``sys.orig_argv``, so ``python -m ...`` stays a module run).
+  command is repeated as it was given (``sys.orig_argv``, so ``python -m ...`` stays a module run). ``retain=True``
+  also sets `RETAIN` (freed buffers stay in the process; for steps with large temporaries, such as the GPT's).
   """
-  if os.environ.get("JFAST_HUGEPAGES", "1") == "0" or TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+  if os.environ.get("JFAST_HUGEPAGES", "1") == "0" or tunables_set(retain):
     return
   if not hugepages_supported():
     return
   try:
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], hugepage_env())
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], hugepage_env(retain=retain))
   except OSError:
     return  # the process goes on without huge pages: slower, never wrong

@@ -21,14 +21,68 @@ from jfast.config import save_config
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+# Vector extensions that decide which precision is fastest on a CPU, strongest first within each group. Machines of
+# one cloud kind differ here: the same "AMD EPYC" VM has come with AVX512-BF16 (bf16 matmuls ~1.3x faster than
+# float32) and with AVX2 only (no bf16 instructions: PyTorch's bf16 autocast ran 20x slower than float32).
+_ISA_FLAGS = (
+  ("amx_bf16", "AMX-BF16"),
+  ("avx512_bf16", "AVX512-BF16"),
+  ("avx512_vnni", "AVX512-VNNI"),
+  ("avx512f", "AVX-512"),
+  ("avx2", "AVX2"),
+)
+
+
+def describe_cpu(cpuinfo: str) -> str:
+  r"""One line naming a Linux ``/proc/cpuinfo``'s CPU and the vector extensions its speed depends on.
+
+  The model name alone ("AMD EPYC") does not tell two generations apart; family/model and the bf16 and AVX-512
+  flags do, and they decide whether bf16 compute helps at all.
+
+  Args:
+    cpuinfo: the text of ``/proc/cpuinfo`` (the first processor's fields are read).
+
+  Returns:
+    e.g. ``"AMD EPYC (family 25, model 1; AVX2; no AVX-512, no bf16 instructions)"``.
+
+  Example:
+    >>> describe_cpu("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    'AMD EPYC (family 25, model 17; AVX512-BF16, AVX-512, AVX2)'
+  """
+  fields: dict[str, str] = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      if fields:
+        break  # the first processor's block is enough
+      continue
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  flags = set(fields.get("flags", "").split())
+  name = fields.get("model name") or platform.machine() or "unknown CPU"
+  found = [label for flag, label in _ISA_FLAGS if flag in flags]
+  missing = []
+  if "avx512f" not in flags:
+    missing.append("no AVX-512")
+  if not flags & {"avx512_bf16", "amx_bf16"}:
+    missing.append("no bf16 instructions")
+  ident = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields).replace("cpu family", "family")
+  isa = "; ".join(x for x in (", ".join(found), ", ".join(missing)) if x)
+  return f"{name} ({'; '.join(x for x in (ident, isa) if x)})" if ident or isa else name
+
+
+def cpu_description() -> str:
+  """`describe_cpu` of this machine (Linux), or the platform's processor name elsewhere."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return describe_cpu(f.read())
+  except OSError:
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def machine_info() -> dict[str, Any]:
   """CPU model, core count, accelerators and library versions: what a reader needs to compare two runs."""
   info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-  try:
-    with open("/proc/cpuinfo") as f:
-      info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-  except OSError:
-    info["cpu"] = platform.processor() or None
+  info["cpu"] = cpu_description()
   try:
     import jax
 

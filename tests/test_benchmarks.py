@@ -140,3 +140,24 @@ def test_attention_vs_sdpa_times_the_same_gradients(causal, pad):
   theirs = _torch_call(arrays, causal, "float32")()
   for g, t in zip(ours, theirs, strict=True):
     np.testing.assert_allclose(np.asarray(g), t.numpy().transpose(0, 2, 1, 3), rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_forms_agree_with_pytorch_and_with_float64():
+  pytest.importorskip("torch")
+  from benchmarks import gemm
+
+  rows = gemm.measure([(96, 40, 72)], "float32", seed=3)
+  assert [r["form"] for r in rows] == list(gemm.FORMS)
+  for r in rows:
+    assert r["max_rel_diff"] < 1e-5, r  # XLA's and PyTorch's products of the same operands
+    assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0
+  # The forms are the products they are named after: check one XLA result against float64 numpy.
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(3)
+  g, w = rng.standard_normal((96, 72)), rng.standard_normal((40, 72))
+  ours = jax.lax.dot_general(jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32), (((1,), (1,)), ((), ())))
+  np.testing.assert_allclose(np.asarray(ours), g @ w.T, rtol=1e-4, atol=1e-4)
+  with pytest.raises(SystemExit, match="unknown model"):
+    gemm.main(["--models", "minilm,bert-huge"])

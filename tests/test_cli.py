@@ -12,7 +12,7 @@ from jfast import cli
 from jfast.config import ConfigError, describe, field_names, load_config, save_config, to_dict
 from jfast.data import BatchingConfig
 from jfast.report import build_report, markdown_to_html
-from jfast.runs import RunDir, latest_runs, read_metrics
+from jfast.runs import RunDir, describe_cpu, latest_runs, read_metrics
 from jfast.train import OptimizerConfig
 
 
@@ -110,6 +110,32 @@ def test_run_folder_contents(tmp_path):
   second.finish({"dev_accuracy": 0.9})
   assert second.path != run.path
   assert latest_runs(tmp_path)["demo"] == second.path
+
+
+# Two processors' blocks of /proc/cpuinfo as the two EPYC generations this project's VMs have come with print them
+# (flags trimmed to the ones that matter plus neighbours); only the first block is read.
+_ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx fma avx2 sha_ni vaes vpclmulqdq rdpid fsrm
+
+processor\t: 1
+model name\t: Something Else
+flags\t\t: avx512f avx512_bf16
+"""
+_ZEN4 = _ZEN3.replace("model\t\t: 1\n", "model\t\t: 17\n", 1).replace(
+  "avx2 sha_ni", "avx2 avx512f avx512_vnni avx512_bf16 sha_ni", 1
+)
+
+
+def test_cpu_description_tells_epyc_generations_and_bf16_apart():
+  zen3, zen4 = describe_cpu(_ZEN3), describe_cpu(_ZEN4)
+  assert zen3 == "AMD EPYC (family 25, model 1; AVX2; no AVX-512, no bf16 instructions)"
+  assert zen4 == "AMD EPYC (family 25, model 17; AVX512-BF16, AVX512-VNNI, AVX-512, AVX2)"
+  assert "Something Else" not in zen3  # the second processor's block is not read
+  assert describe_cpu("flags\t: amx_bf16 avx512f\n").endswith("(AMX-BF16, AVX-512)")
 
 
 def test_unknown_script_lists_known_ones():
