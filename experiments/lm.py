@@ -388,7 +388,8 @@ def markdown(result: dict) -> str:
   lines = [
     f"GPT {s['layers']} layers, d={s['d_model']}, {s['heads']} heads, context {s['length']}, BPE vocab {s['vocab']} "
     f"({s['params']:,} parameters), tiny-shakespeare 90/10 split, {s['steps']} steps of {s['batch_size']} x "
-    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. Device: {s['device']} ({s.get('cpu', 'CPU not recorded')}, {s['cpu_count']} cores); "
+    f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. "
+    f"Device: {s['device']} ({s.get('cpu', 'CPU not recorded')}, {s['cpu_count']} cores); "
     f"glibc huge pages (both sides, one process): {'on' if s.get('hugepages') else 'off'}"
     f"{', freed memory retained (jfast.hugepages.RETAIN)' if s.get('retain_freed') else ''}.",
     "",

@@ -51,8 +51,8 @@ def hugepage_env(
 
   Other tunables already there are kept (the variable is a colon-separated list). ``enabled=False`` removes the
   tunable instead (for a child process that should run without it, such as the PyTorch side of a benchmark), and
-  the `RETAIN` settings with it (the same values only: a user's own ``arena_max=2`` stays). ``retain=True`` adds `RETAIN` as well (freed buffers stay in the process), replacing
-  any other value of those three.
+  the `RETAIN` settings with it (the same values only: a user's own ``arena_max=2`` stays). ``retain=True`` adds
+  `RETAIN` as well (freed buffers stay in the process), replacing any other value of those three.
 
   Example:
     >>> hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]

@@ -21,8 +21,8 @@ from jfast.config import save_config
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-# Vector extensions that decide which precision is fastest on a CPU, strongest first within each group. Machines of
-# one cloud kind differ here: the same "AMD EPYC" VM has come with AVX512-BF16 (bf16 matmuls ~1.3x faster than
+# Vector extensions that decide which precision is fastest on a CPU, strongest first. Machines of one cloud kind
+# differ here: the same "AMD EPYC" VM has come with AVX512-BF16 (bf16 matmuls ~1.3x faster than
 # float32) and with AVX2 only (no bf16 instructions: PyTorch's bf16 autocast ran 20x slower than float32).
 _ISA_FLAGS = (
   ("amx_bf16", "AMX-BF16"),
