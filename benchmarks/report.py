@@ -6,6 +6,7 @@ python -m benchmarks.report results/benchmarks/NAME.json     # re-render NAME.md
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,8 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel(label)
     ax.grid(axis="y", alpha=0.3)
   axes[0].legend()
-  fig.suptitle(title)
+  # The device names the CPU and its vector extensions: wrapped, or the title runs off a narrow figure.
+  fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize="medium")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -260,7 +262,7 @@ def rerender(path: Path) -> str:
   chart(
     rows,
     Path(path).with_suffix(".png"),
-    f"jfast vs PyTorch: {meta['task']}, {meta['model']}, {meta['device'].split(' (')[0]}",
+    f"jfast vs PyTorch: {meta['task']}, {meta['model']}, {meta['device']}",
   )
   return md
 

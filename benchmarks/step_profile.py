@@ -340,6 +340,11 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "every row through the last layer": lambda: "full",
       "last layer at the [CLS] rows only (default)": lambda: None,
     }
+  elif what == "fuseqkv":
+    variants = {
+      "query, key and value as three products": lambda: "apart",
+      "query, key and value as one product (BertConfig.fuse_qkv, default)": lambda: None,
+    }
   elif what == "ntdots":
 
     def transposed_copies():
@@ -379,15 +384,21 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
   patched += [(mixed_dots, "_dot_nt"), (mixed_dots, "_bmm_nt"), (attention, "mixed_matmul_nt")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
-  if what == "clsonly":
+  model_variants = ("clsonly", "fuseqkv")  # variants of the BERT module itself, not of a library function
+  if what in model_variants:
     from benchmarks.jax_runner import build_model
 
     model, params = build_model(spec, data.NUM_LABELS[spec.task])
   for name, patch in variants.items():
-    full = patch() == "full"
-    variant = model.clone(last_layer_pooled_only=not full) if what == "clsonly" else model
+    choice = patch()
+    if what == "clsonly":
+      variant = model.clone(last_layer_pooled_only=choice != "full")
+    elif what == "fuseqkv":
+      variant = model.clone(config=model.config.replace(fuse_qkv=choice != "apart"))
+    else:
+      variant = model
     compiled, state, batches, variant, params = _jax_step(spec, variant, params)
-    model = model if what == "clsonly" else variant
+    model = model if what in model_variants else variant
     runs[name] = [state, compiled, []]
     for module, attr, value in saved:
       setattr(module, attr, value)
@@ -508,6 +519,7 @@ def main(argv=None) -> None:
       "gelu",
       "headlayout",
       "clsonly",
+      "fuseqkv",
       "ntdots",
       "hugepages",
       "xla_flags",
@@ -541,8 +553,10 @@ def main(argv=None) -> None:
     raise SystemExit(
       f"{args.config}: the GPT step has the jfast side only here, without dropout (experiments.lm times PyTorch's)"
     )
-  if isinstance(spec, GPTSpec) and args.ab == "clsonly":
-    raise SystemExit(f"{args.config}: --ab clsonly is the BERT classifier's; the GPT has no [CLS] rows")
+  if isinstance(spec, GPTSpec) and args.ab in ("clsonly", "fuseqkv"):
+    raise SystemExit(
+      f"{args.config}: --ab {args.ab} is the BERT classifier's (the GPT has no [CLS] rows; its c_attn is one product)"
+    )
   common.pin_threads(args.threads)
   if args.time_only:
     print(step_time(spec, args.side, args.steps or 12))

@@ -131,6 +131,8 @@ def _forward(model, params, batch, *, internals: bool, deterministic: bool, rng=
     return model.apply({"params": params}, batch.input_ids, **kwargs), None, None
   if getattr(model, "last_layer_pooled_only", False):
     model = model.clone(last_layer_pooled_only=False)  # the losses read every row of the last layer
+  if model.config.fuse_qkv:
+    model = model.clone(config=model.config.replace(fuse_qkv=False))  # query and key outputs are captured apart
   logits, state = model.apply(
     {"params": params}, batch.input_ids, capture_intermediates=_capture, mutable=["intermediates"], **kwargs
   )

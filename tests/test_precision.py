@@ -301,8 +301,11 @@ def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16
     operand_types = _dot_operand_types(step.lower(state, batch).compile().as_text(), "encoder_layer")
     if ("bf16", "bf16") not in operand_types:
       pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
-    if not pooled_only:  # 6 Dense + 2 attention products, 3 dots each (one [CLS] query makes some of these scalar)
-      assert len(operand_types) == 2 * (6 * 3 + 2 * 3), operand_types
+    if not pooled_only:
+      # 4 Dense products (query, key and value fused into one) + 2 attention products, 3 dots each (one [CLS]
+      # query makes some of these scalar, hence only the full last layer is counted)
+      assert model.config.fuse_qkv
+      assert len(operand_types) == 2 * (4 * 3 + 2 * 3), operand_types
     assert set(operand_types) == {("bf16", "bf16")}, (pooled_only, operand_types)
 
 

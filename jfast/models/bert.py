@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from jfast.activations import ACTIVATIONS
 from jfast.dropout import Dropout
+from jfast.mixed_dots import add_bias, mixed_dot_general
 from jfast.models.attention import Attention, AttentionConfig
 from jfast.precision import MixedDense
 from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
@@ -39,6 +41,10 @@ class BertConfig:
     quantization: ``none``, or how the encoder's six projections run (`jfast.quant.QuantDense`): ``int8`` (int8
       weights, per-token activation scales), ``int8-static`` (calibrated activation scales), ``qat`` (float weights,
       fake quantization for quantization-aware fine-tuning).
+    fuse_qkv: run the query, key and value projections of one input as one product against their kernels side by
+      side (the parameters stay three Dense layers, as in Hugging Face's layout): the same outputs from one larger
+      product, and one product each for the input and the weight gradient instead of three. Quantized layers
+      (``quantization`` other than ``none``) always run apart.
   """
 
   vocab_size: int = 30522
@@ -60,6 +66,7 @@ class BertConfig:
   layer_num_heads: tuple[int, ...] | None = None
   layer_intermediate_sizes: tuple[int, ...] | None = None
   quantization: str = "none"
+  fuse_qkv: bool = True
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -116,6 +123,38 @@ def _dense(config: BertConfig, features: int, name: str) -> nn.Module:
   return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
 
 
+class _DenseParams(nn.Module):
+  """A Dense layer's ``kernel`` and ``bias`` without its product, so layers reading one input can share one."""
+
+  features: int
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel_KxN = self.param("kernel", self.kernel_init, (in_features, self.features), jnp.float32)
+    return kernel_KxN, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+
+
+def _fused_dense(config: BertConfig, features: int, names: tuple[str, ...], x_BxTxK) -> list:
+  """``[Dense_name(x) for name in names]`` as one product of ``x`` with the kernels side by side.
+
+  The parameters are those of separate Dense layers (same paths and initial values); the split of the output is
+  one ``split`` (its gradient is one concatenate) and the kernels' gradient comes back as slices of one product.
+  """
+  init = nn.initializers.normal(config.initializer_range)
+  params = [_DenseParams(features, init, name=name)(x_BxTxK.shape[-1]) for name in names]
+  kernel_KxN = jnp.concatenate([k for k, _ in params], axis=1)
+  bias_N = jnp.concatenate([b for _, b in params])
+  dims = (((x_BxTxK.ndim - 1,), (0,)), ((), ()))
+  if config.compute_dtype != jnp.float32:
+    y_BxTxN = add_bias(mixed_dot_general(x_BxTxK.astype(config.compute_dtype), kernel_KxN, dims), bias_N)
+  else:
+    # As nn.Dense(dtype=float32): inputs and parameters promoted to float32 (pure-bf16 parameters too).
+    y_BxTxN = jax.lax.dot_general(x_BxTxK.astype(jnp.float32), kernel_KxN.astype(jnp.float32), dims)
+    y_BxTxN = y_BxTxN + bias_N.astype(jnp.float32).reshape((1,) * (y_BxTxN.ndim - 1) + (-1,))
+  return jnp.split(y_BxTxN, len(names), axis=-1)
+
+
 # Under half-precision compute the norm is recomputed in the backward pass from its half-precision input: its
 # float32 intermediates (centred input, normalised output) are what autodiff would otherwise keep, 3 float32
 # copies of the residual stream per norm, which is most of the activation memory half precision is meant to save.
@@ -169,16 +208,23 @@ class BertLayer(nn.Module):
     batch, length, _ = x_BxLxD.shape
     (heads, ffn), head_dim = cfg.layer_sizes(self.index), cfg.head_dim
 
-    def project(name, x_BxTxD):
-      y_BxTxD = _dense(cfg, heads * head_dim, name)(x_BxTxD)
-      return checkpoint_name(y_BxTxD, f"{name}_proj").reshape(batch, x_BxTxD.shape[1], heads, head_dim)
+    def project(names, x_BxTxD):
+      if cfg.fuse_qkv and cfg.quantization == "none":
+        ys = _fused_dense(cfg, heads * head_dim, names, x_BxTxD)
+      else:
+        ys = [_dense(cfg, heads * head_dim, name)(x_BxTxD) for name in names]
+      return [
+        checkpoint_name(y_BxTxD, f"{name}_proj").reshape(batch, x_BxTxD.shape[1], heads, head_dim)
+        for name, y_BxTxD in zip(names, ys, strict=True)
+      ]
 
-    keys_BxTxD = x_BxLxD
-    if query_positions_BxS is not None:
+    if query_positions_BxS is None:
+      q_BxLxHxD, k_BxTxHxD, v_BxTxHxD = project(("query", "key", "value"), x_BxLxD)
+    else:
+      k_BxTxHxD, v_BxTxHxD = project(("key", "value"), x_BxLxD)
       x_BxLxD = jnp.take_along_axis(x_BxLxD, query_positions_BxS[:, :, None].astype(jnp.int32), axis=1)
       length = x_BxLxD.shape[1]
-    q_BxLxHxD = project("query", x_BxLxD)
-    k_BxTxHxD, v_BxTxHxD = project("key", keys_BxTxD), project("value", keys_BxTxD)
+      (q_BxLxHxD,) = project(("query",), x_BxLxD)
     attn_BxLxHxD = Attention(cfg.attention, dropout_rate=cfg.attention_probs_dropout_prob, name="attention")(
       q_BxLxHxD,
       k_BxTxHxD,

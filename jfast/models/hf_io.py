@@ -41,7 +41,7 @@ _LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias":
 # Tensors a Hugging Face folder may hold that a BERT encoder does not use.
 _IGNORED = re.compile(r"^(embeddings\.position_ids|cls\..*|classifier\..*|.*\.num_batches_tracked)$")
 _CONFIG_KEYS = tuple(
-  f.name for f in BertConfig.__dataclass_fields__.values() if f.name not in ("attention", "quantization")
+  f.name for f in BertConfig.__dataclass_fields__.values() if f.name not in ("attention", "quantization", "fuse_qkv")
 )
 
 

@@ -148,6 +148,8 @@ def calibrate(
   if getattr(model, "last_layer_pooled_only", False):
     # Every token's range, as before the last layer learnt to skip rows: the scales then serve either form.
     model = model.clone(last_layer_pooled_only=False)
+  if getattr(model.config, "fuse_qkv", False):
+    model = model.clone(config=model.config.replace(fuse_qkv=False))  # each projection's input is its own Dense's
 
   @jax.jit
   def token_absmax(params, batch):
