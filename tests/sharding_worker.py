@@ -12,6 +12,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -186,6 +187,16 @@ def main() -> dict:
       restores[name]["continue_diff"] = max_diff(jax.device_get(continued.params), ref_next_params)
       restores[name]["recompiled"] = step.num_compiles - compiles
     out["restore"] = restores
+
+  # Query, key and value as one product (BertConfig.fuse_qkv) add no communication under tensor parallelism.
+  tp_mesh = make_mesh(data=4, tensor=2)
+  out["collectives"] = {}
+  for name, fuse in (("fused", True), ("apart", False)):
+    variant = BertForSequenceClassification(CONFIG.replace(fuse_qkv=fuse), num_labels=3)
+    state = create_train_state(variant, params, tx, mesh=tp_mesh)
+    hlo = make_train_step(classification_loss(variant), mesh=tp_mesh).lower(state, batches[0]).compile().as_text()
+    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+    out["collectives"][name] = {k: len(re.findall(rf"= \S+ {k}(?:-start)?\(", hlo)) for k in kinds}
 
   # Bad input: clear ValueErrors before any compilation.
   bad_model = BertForSequenceClassification(CONFIG.replace(intermediate_size=100), num_labels=3)

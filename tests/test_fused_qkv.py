@@ -1,5 +1,6 @@
 """Query, key and value as one product (`BertConfig.fuse_qkv`): the same parameters, logits and gradients as three
-Dense layers (themselves tested against PyTorch in test_bert), on the real MiniLM and real sentences."""
+Dense layers (the default, tested against PyTorch in test_bert), on the real MiniLM and real sentences; and no
+more communication under tensor parallelism (tests/test_sharding.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def _apart(model):
   return model.clone(config=model.config.replace(fuse_qkv=False))
 
 
+def _fused(model):
+  return model.clone(config=model.config.replace(fuse_qkv=True))
+
+
 def _sst2_batch(tokenizer, sentences, strategy, seed=1):
   picks = np.random.default_rng(seed).choice(len(sentences), size=40, replace=False)
   ids, _ = tokenize(tokenizer, [sentences[i] for i in picks], max_length=512)
@@ -28,8 +33,8 @@ def _sst2_batch(tokenizer, sentences, strategy, seed=1):
 def test_minilm_logits_and_gradients_equal_three_products(minilm_path, tokenizer, sst2_dev_sentences, strategy):
   config, encoder = load_hf_bert(minilm_path)
   config = config.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  fused, params = init_classifier(config, encoder, 2, jax.random.PRNGKey(0))
-  assert fused.config.fuse_qkv, "fused is the default"
+  model, params = init_classifier(config, encoder, 2, jax.random.PRNGKey(0))
+  fused = _fused(model)
   batch = _sst2_batch(tokenizer, sst2_dev_sentences, strategy)
   want_logits, want_grads = _loss_and_grads(_apart(fused), params, batch)
   got_logits, got_grads = _loss_and_grads(fused, params, batch)
@@ -56,14 +61,14 @@ def test_bf16_gradients_as_close_to_float32_as_three_products(minilm_path, token
   batch = _sst2_batch(tokenizer, sst2_dev_sentences, "packed")
   _, want = _loss_and_grads(_apart(fp32), params, batch)
   err_apart = _relative_error(_loss_and_grads(_apart(bf16), params, batch)[1], want)
-  err_fused = _relative_error(_loss_and_grads(bf16, params, batch)[1], want)
+  err_fused = _relative_error(_loss_and_grads(_fused(bf16), params, batch)[1], want)
   assert 0 < err_fused < 0.05
   assert err_fused < 1.5 * err_apart, (err_fused, err_apart)
 
 
 def test_same_parameters_and_fewer_products():
   ids = np.random.default_rng(0).integers(1, SMALL.vocab_size, size=(3, 21)).astype(np.int32)
-  fused = BertForSequenceClassification(SMALL, num_labels=3)
+  fused = BertForSequenceClassification(SMALL.replace(fuse_qkv=True), num_labels=3)
   apart = _apart(fused)
   p_fused = fused.init(jax.random.PRNGKey(4), ids)["params"]
   p_apart = apart.init(jax.random.PRNGKey(4), ids)["params"]
@@ -83,8 +88,29 @@ def test_same_parameters_and_fewer_products():
 
 def test_quantized_layers_stay_apart():
   ids = np.random.default_rng(0).integers(1, SMALL.vocab_size, size=(2, 9)).astype(np.int32)
-  model = BertForSequenceClassification(SMALL.replace(quantization="qat"), num_labels=2)
+  model = BertForSequenceClassification(SMALL.replace(quantization="qat", fuse_qkv=True), num_labels=2)
   params = model.init(jax.random.PRNGKey(0), ids)["params"]
   fused_logits = model.apply({"params": params}, ids)
   apart_logits = _apart(model).apply({"params": params}, ids)
   np.testing.assert_array_equal(fused_logits, apart_logits)
+
+
+def test_calibration_and_distillation_read_each_projection_of_a_fused_model():
+  # Both read the query/key/value layers' own inputs or outputs, which a fused model does not call one by one.
+  from jfast import quant
+  from jfast.data import batch_from_rows
+  from jfast.distill import _forward
+
+  rng = np.random.default_rng(5)
+  seqs = [rng.integers(1, SMALL.vocab_size, rng.integers(4, 25)) for _ in range(5)]
+  batch = batch_from_rows(seqs, np.zeros(5, np.int32), 24, pad_id=0)
+  fused = BertForSequenceClassification(SMALL.replace(fuse_qkv=True), num_labels=3)
+  params = fused.init(jax.random.PRNGKey(2), batch.input_ids[:1])["params"]
+  scales = quant.calibrate(fused, params, [batch])
+  assert scales == quant.calibrate(_apart(fused), params, [batch])
+  assert any(path[-1] == "query" for path in scales)
+  _, hidden, qk = _forward(fused, params, batch, internals=True, deterministic=True)
+  _, want_hidden, want_qk = _forward(_apart(fused), params, batch, internals=True, deterministic=True)
+  for got, want in zip(jax.tree.leaves((hidden, qk)), jax.tree.leaves((want_hidden, want_qk)), strict=True):
+    np.testing.assert_array_equal(got, want)
+  assert len(qk) == SMALL.num_hidden_layers

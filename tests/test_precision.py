@@ -289,9 +289,9 @@ def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16
   policy = get_policy("bf16")
   rows = [rng.integers(1, TINY.vocab_size, size=n) for n in (60, 41, 64, 33, 50, 64, 20, 64)]
   batch = batch_from_rows(rows, rng.integers(0, 2, size=8), 64, pad_id=0)
-  for pooled_only in (False, True):
+  for pooled_only, fuse_qkv in ((False, False), (True, False), (False, True)):
     model = BertForSequenceClassification(
-      policy.configure(TINY.replace(hidden_size=128, intermediate_size=256)),
+      policy.configure(TINY.replace(hidden_size=128, intermediate_size=256, fuse_qkv=fuse_qkv)),
       num_labels=2,
       last_layer_pooled_only=pooled_only,
     )
@@ -301,11 +301,9 @@ def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16
     operand_types = _dot_operand_types(step.lower(state, batch).compile().as_text(), "encoder_layer")
     if ("bf16", "bf16") not in operand_types:
       pytest.skip("this XLA:CPU has no bf16 dot kernel; every bf16 dot runs in float32")
-    if not pooled_only:
-      # 4 Dense products (query, key and value fused into one) + 2 attention products, 3 dots each (one [CLS]
-      # query makes some of these scalar, hence only the full last layer is counted)
-      assert model.config.fuse_qkv
-      assert len(operand_types) == 2 * (4 * 3 + 2 * 3), operand_types
+    if not pooled_only:  # 6 Dense + 2 attention products, 3 dots each (one [CLS] query makes some of these scalar)
+      dense = 4 if fuse_qkv else 6  # fused: query, key and value are one product
+      assert len(operand_types) == 2 * (dense * 3 + 2 * 3), operand_types
     assert set(operand_types) == {("bf16", "bf16")}, (pooled_only, operand_types)
 
 

@@ -130,6 +130,12 @@ def test_checkpoint_from_4x2_restores_on_other_meshes(eight_devices, target, dev
   assert got["recompiled"] == 0  # lands in the step's compiled layout
 
 
+def test_fused_qkv_adds_no_communication_under_tensor_parallelism(eight_devices):
+  got = eight_devices["collectives"]
+  assert got["apart"]["all-reduce"] > 0, got  # the counts are real: tensor parallelism reduces partial sums
+  assert got["fused"] == got["apart"], got
+
+
 def test_bad_meshes_and_batches_fail_clearly(eight_devices):
   errors = eight_devices["errors"]
   assert "does not divide the 8 devices" in errors["mesh_not_dividing"]

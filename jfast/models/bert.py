@@ -42,9 +42,10 @@ class BertConfig:
       weights, per-token activation scales), ``int8-static`` (calibrated activation scales), ``qat`` (float weights,
       fake quantization for quantization-aware fine-tuning).
     fuse_qkv: run the query, key and value projections of one input as one product against their kernels side by
-      side (the parameters stay three Dense layers, as in Hugging Face's layout): the same outputs from one larger
-      product, and one product each for the input and the weight gradient instead of three. Quantized layers
-      (``quantization`` other than ``none``) always run apart.
+      side per head (the parameters stay three Dense layers, as in Hugging Face's layout; no extra communication
+      under tensor parallelism): one larger product, and one product each for the input and the weight gradient
+      instead of three. Off by default: level with three products on the 2-core CPU (docs/foundation.md);
+      unmeasured on GPUs. Quantized layers (``quantization`` other than ``none``) always run apart.
   """
 
   vocab_size: int = 30522
@@ -66,7 +67,7 @@ class BertConfig:
   layer_num_heads: tuple[int, ...] | None = None
   layer_intermediate_sizes: tuple[int, ...] | None = None
   quantization: str = "none"
-  fuse_qkv: bool = True
+  fuse_qkv: bool = False
 
   def __post_init__(self):
     if self.hidden_size % self.num_attention_heads:
@@ -135,16 +136,21 @@ class _DenseParams(nn.Module):
     return kernel_KxN, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
 
 
-def _fused_dense(config: BertConfig, features: int, names: tuple[str, ...], x_BxTxK) -> list:
-  """``[Dense_name(x) for name in names]`` as one product of ``x`` with the kernels side by side.
+def _fused_projections(config: BertConfig, heads: int, head_dim: int, names: tuple[str, ...], x_BxTxK) -> list:
+  """``[Dense_name(x) as [B, T, heads, head_dim] for name in names]`` as one product of ``x`` with all the kernels.
 
-  The parameters are those of separate Dense layers (same paths and initial values); the split of the output is
-  one ``split`` (its gradient is one concatenate) and the kernels' gradient comes back as slices of one product.
+  The parameters are those of separate Dense layers (same paths and initial values). The fused kernel puts the
+  projections side by side per head (``[K, heads, len(names), head_dim]``): tensor parallelism splits every
+  projection's kernel by heads, and in this layout each device's share of the fused kernel is made of its own
+  shares of the parts, so fusing adds no communication (side by side whole, ``[K, 3 x heads x head_dim]``, it added
+  collective permutes and all-gathers). The output is cut with one ``split``, whose gradient is one concatenate.
   """
   init = nn.initializers.normal(config.initializer_range)
-  params = [_DenseParams(features, init, name=name)(x_BxTxK.shape[-1]) for name in names]
-  kernel_KxN = jnp.concatenate([k for k, _ in params], axis=1)
-  bias_N = jnp.concatenate([b for _, b in params])
+  in_features = x_BxTxK.shape[-1]
+  params = [_DenseParams(heads * head_dim, init, name=name)(in_features) for name in names]
+  kernel_KxN = jnp.stack([k.reshape(in_features, heads, head_dim) for k, _ in params], axis=2)
+  kernel_KxN = kernel_KxN.reshape(in_features, -1)
+  bias_N = jnp.stack([b.reshape(heads, head_dim) for _, b in params], axis=1).reshape(-1)
   dims = (((x_BxTxK.ndim - 1,), (0,)), ((), ()))
   if config.compute_dtype != jnp.float32:
     y_BxTxN = add_bias(mixed_dot_general(x_BxTxK.astype(config.compute_dtype), kernel_KxN, dims), bias_N)
@@ -152,7 +158,8 @@ def _fused_dense(config: BertConfig, features: int, names: tuple[str, ...], x_Bx
     # As nn.Dense(dtype=float32): inputs and parameters promoted to float32 (pure-bf16 parameters too).
     y_BxTxN = jax.lax.dot_general(x_BxTxK.astype(jnp.float32), kernel_KxN.astype(jnp.float32), dims)
     y_BxTxN = y_BxTxN + bias_N.astype(jnp.float32).reshape((1,) * (y_BxTxN.ndim - 1) + (-1,))
-  return jnp.split(y_BxTxN, len(names), axis=-1)
+  y_BxTxHxNxD = y_BxTxN.reshape(*x_BxTxK.shape[:-1], heads, len(names), head_dim)
+  return [part[..., 0, :] for part in jnp.split(y_BxTxHxNxD, len(names), axis=-2)]
 
 
 # Under half-precision compute the norm is recomputed in the backward pass from its half-precision input: its
@@ -210,13 +217,10 @@ class BertLayer(nn.Module):
 
     def project(names, x_BxTxD):
       if cfg.fuse_qkv and cfg.quantization == "none":
-        ys = _fused_dense(cfg, heads * head_dim, names, x_BxTxD)
+        ys = _fused_projections(cfg, heads, head_dim, names, x_BxTxD)
       else:
-        ys = [_dense(cfg, heads * head_dim, name)(x_BxTxD) for name in names]
-      return [
-        checkpoint_name(y_BxTxD, f"{name}_proj").reshape(batch, x_BxTxD.shape[1], heads, head_dim)
-        for name, y_BxTxD in zip(names, ys, strict=True)
-      ]
+        ys = [_dense(cfg, heads * head_dim, name)(x_BxTxD).reshape(batch, -1, heads, head_dim) for name in names]
+      return [checkpoint_name(y_BxTxHxD, f"{name}_proj") for name, y_BxTxHxD in zip(names, ys, strict=True)]
 
     if query_positions_BxS is None:
       q_BxLxHxD, k_BxTxHxD, v_BxTxHxD = project(("query", "key", "value"), x_BxLxD)
