@@ -9,15 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from jfast.activations import ACTIVATIONS
 from jfast.dropout import Dropout
-from jfast.mixed_dots import add_bias, mixed_dot_general
 from jfast.models.attention import Attention, AttentionConfig
+from jfast.models.fused import fused_projections
 from jfast.precision import MixedDense
 from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.remat import remat_policy
@@ -124,44 +123,6 @@ def _dense(config: BertConfig, features: int, name: str) -> nn.Module:
   return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
 
 
-class _DenseParams(nn.Module):
-  """A Dense layer's ``kernel`` and ``bias`` without its product, so layers reading one input can share one."""
-
-  features: int
-  kernel_init: Any
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    kernel_KxN = self.param("kernel", self.kernel_init, (in_features, self.features), jnp.float32)
-    return kernel_KxN, self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-
-
-def _fused_projections(config: BertConfig, heads: int, head_dim: int, names: tuple[str, ...], x_BxTxK) -> list:
-  """``[Dense_name(x) as [B, T, heads, head_dim] for name in names]`` as one product of ``x`` with all the kernels.
-
-  The parameters are those of separate Dense layers (same paths and initial values). The fused kernel puts the
-  projections side by side per head (``[K, heads, len(names), head_dim]``): tensor parallelism splits every
-  projection's kernel by heads, and in this layout each device's share of the fused kernel is made of its own
-  shares of the parts, so fusing adds no communication (side by side whole, ``[K, 3 x heads x head_dim]``, it added
-  collective permutes and all-gathers). The output is cut with one ``split``, whose gradient is one concatenate.
-  """
-  init = nn.initializers.normal(config.initializer_range)
-  in_features = x_BxTxK.shape[-1]
-  params = [_DenseParams(heads * head_dim, init, name=name)(in_features) for name in names]
-  kernel_KxN = jnp.stack([k.reshape(in_features, heads, head_dim) for k, _ in params], axis=2)
-  kernel_KxN = kernel_KxN.reshape(in_features, -1)
-  bias_N = jnp.stack([b.reshape(heads, head_dim) for _, b in params], axis=1).reshape(-1)
-  dims = (((x_BxTxK.ndim - 1,), (0,)), ((), ()))
-  if config.compute_dtype != jnp.float32:
-    y_BxTxN = add_bias(mixed_dot_general(x_BxTxK.astype(config.compute_dtype), kernel_KxN, dims), bias_N)
-  else:
-    # As nn.Dense(dtype=float32): inputs and parameters promoted to float32 (pure-bf16 parameters too).
-    y_BxTxN = jax.lax.dot_general(x_BxTxK.astype(jnp.float32), kernel_KxN.astype(jnp.float32), dims)
-    y_BxTxN = y_BxTxN + bias_N.astype(jnp.float32).reshape((1,) * (y_BxTxN.ndim - 1) + (-1,))
-  y_BxTxHxNxD = y_BxTxN.reshape(*x_BxTxK.shape[:-1], heads, len(names), head_dim)
-  return [part[..., 0, :] for part in jnp.split(y_BxTxHxNxD, len(names), axis=-2)]
-
-
 # Under half-precision compute the norm is recomputed in the backward pass from its half-precision input: its
 # float32 intermediates (centred input, normalised output) are what autodiff would otherwise keep, 3 float32
 # copies of the residual stream per norm, which is most of the activation memory half precision is meant to save.
@@ -217,7 +178,8 @@ class BertLayer(nn.Module):
 
     def project(names, x_BxTxD):
       if cfg.fuse_qkv and cfg.quantization == "none":
-        ys = _fused_projections(cfg, heads, head_dim, names, x_BxTxD)
+        init = nn.initializers.normal(cfg.initializer_range)
+        ys = fused_projections(x_BxTxD, names, heads, head_dim, init, cfg.compute_dtype)
       else:
         ys = [_dense(cfg, heads * head_dim, name)(x_BxTxD).reshape(batch, -1, heads, head_dim) for name in names]
       return [checkpoint_name(y_BxTxHxD, f"{name}_proj") for name, y_BxTxHxD in zip(names, ys, strict=True)]
