@@ -10,6 +10,7 @@ import resource
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 
 def pin_threads(threads: int) -> None:
@@ -110,3 +111,11 @@ def train_flops(
   return 6.0 * non_embedding_params(hidden, layers, intermediate, num_labels) * tokens + 12.0 * layers * hidden * (
     attention
   )
+
+
+def print_and_save(text: str, out: str | None) -> None:
+  """Prints a report and, with ``out``, also writes it there (folders created)."""
+  print(text)
+  if out:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text + "\n")

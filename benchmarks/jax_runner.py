@@ -4,7 +4,8 @@
 
 Batches come from `jfast.data.make_batches` (checked against the shared plan), the model from
 `jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.train.make_train_step` with the library's
-precision policy, in-step gradient accumulation (``micro_batches``) and freezing (`jfast.freezing`). Each new batch
+precision policy, in-step gradient accumulation (``micro_batches``), freezing (`jfast.freezing`) and the 8-bit AdamW
+(`jfast.optim.adamw_8bit`). Each new batch
 shape is compiled ahead of time with ``step.lower(...).compile()`` and timed apart, so step times are execution
 only and compile time is its own column.
 """
@@ -52,7 +53,9 @@ def build_step(spec: RunSpec, model, params, epoch_steps: int):
   from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
 
   policy = _POLICIES[spec.dtype]
-  tx = make_optimizer(OptimizerConfig(learning_rate=spec.lr), total_steps=epoch_steps)
+  # bitsandbytes' AdamW8bit defaults on the other side: blocks of 256, tensors under 4096 elements kept in float32.
+  name = {"adamw": "adamw", "adamw8bit": "adamw_8bit"}[spec.optimizer]
+  tx = make_optimizer(OptimizerConfig(learning_rate=spec.lr, name=name), total_steps=epoch_steps)
   mask = None
   if spec.freeze_layers >= 0:
     # The same modules as the PyTorch side: the embeddings and the bottom freeze_layers encoder layers.

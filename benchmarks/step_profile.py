@@ -571,10 +571,7 @@ def main(argv=None) -> None:
     text = profile_torch(spec, args.steps or 5, args.top)
   else:
     text = profile(spec, args.steps or 5, args.top)
-  print(text)
-  if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+  common.print_and_save(text, args.out)
 
 
 if __name__ == "__main__":

@@ -14,94 +14,18 @@ mask (`explicit_mask`), up to float rounding.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+# ATTENTION_KINDS is re-exported: the config used to live here.
+from jfast.attention_config import ATTENTION_BACKENDS, AttentionConfig, check_positive
+from jfast.attention_config import ATTENTION_KINDS as ATTENTION_KINDS
 from jfast.dropout import dropout
 from jfast.mixed_dots import mixed_matmul, mixed_matmul_nt, row_major
 from jfast.sparse_attention import check_qkv, segment_starts, sparse_attention
-
-ATTENTION_KINDS = ("dense", "sliding_window", "blockwise")
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
-
-
-def _check_positive(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-  if value <= 0:
-    raise ValueError(f"{name} must be positive, got {value}")
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  """Which attention kernel the model runs.
-
-  Attributes:
-    kind: ``dense`` scores every query-key pair; ``sliding_window`` lets token i see keys j with ``|i - j| <=
-      window`` (``0 <= i - j <= window`` when causal); ``blockwise`` cuts the row into blocks of ``block_size``
-      positions and attends within a block only.
-    window: the sliding-window reach (tokens on each side); required for ``sliding_window`` only.
-    block_size: the block length; required for ``blockwise`` only.
-    global_tokens: the first ``global_tokens`` positions of every segment (``1`` = each example's [CLS]) attend to
-      their whole segment and are attended by all of it (Longformer); sparse kinds only.
-    chunk_size: query chunk of the sliding-window kernel (default ``min(window, 128)``): smaller chunks waste
-      fewer scores at the window's edge (a chunk scores ``C * (C * (2 * ceil(w / C) + 1))`` pairs for ``C * (2w+1)``
-      useful ones), larger ones run fewer, bigger matmuls.
-    backend: ``auto`` runs cuDNN's fused sliding-window kernel (``jax.nn.dot_product_attention(...,
-      implementation="cudnn", local_window_size=...)``) where it applies (GPU, causal sliding window, bf16/fp16,
-      no dropout, no global tokens) and the chunked pure-JAX kernel elsewhere; ``xla`` forces the chunked kernel;
-      ``cudnn`` forces cuDNN and raises where it does not apply.
-
-  Example:
-    >>> AttentionConfig.sliding_window(256, global_tokens=1)
-    AttentionConfig(kind='sliding_window', window=256, block_size=None, global_tokens=1, chunk_size=None, backend='auto')
-  """
-
-  kind: str = "dense"
-  window: int | None = None
-  block_size: int | None = None
-  global_tokens: int = 0
-  chunk_size: int | None = None
-  backend: str = "auto"
-
-  def __post_init__(self):
-    if self.kind not in ATTENTION_KINDS:
-      raise ValueError(f"unknown attention kind {self.kind!r}; expected one of {ATTENTION_KINDS}")
-    if self.backend not in ATTENTION_BACKENDS:
-      raise ValueError(f"unknown attention backend {self.backend!r}; expected one of {ATTENTION_BACKENDS}")
-    needs = {"sliding_window": "window", "blockwise": "block_size"}
-    for field in ("window", "block_size"):
-      value = getattr(self, field)
-      if needs.get(self.kind) == field:
-        if value is None:
-          raise ValueError(f"attention kind {self.kind!r} needs {field}")
-        _check_positive(field, value)
-      elif value is not None:
-        raise ValueError(f"{field}={value} does not apply to attention kind {self.kind!r}")
-    if isinstance(self.global_tokens, bool) or not isinstance(self.global_tokens, int) or self.global_tokens < 0:
-      raise ValueError(f"global_tokens must be a non-negative int, got {self.global_tokens!r}")
-    if self.global_tokens and self.kind == "dense":
-      raise ValueError("global_tokens applies to sparse kinds only; dense attention already sees every token")
-    if self.chunk_size is not None:
-      if self.kind != "sliding_window":
-        raise ValueError(f"chunk_size applies to sliding_window only, not {self.kind!r}")
-      _check_positive("chunk_size", self.chunk_size)
-
-  @classmethod
-  def dense(cls, **kwargs) -> AttentionConfig:
-    return cls(kind="dense", **kwargs)
-
-  @classmethod
-  def sliding_window(cls, window: int, **kwargs) -> AttentionConfig:
-    return cls(kind="sliding_window", window=window, **kwargs)
-
-  @classmethod
-  def blockwise(cls, block_size: int, **kwargs) -> AttentionConfig:
-    return cls(kind="blockwise", block_size=block_size, **kwargs)
 
 
 def segment_mask(segment_ids_BxL: jax.Array, *, causal: bool = False) -> jax.Array:
@@ -266,9 +190,9 @@ def sliding_window_attention(
   Example:
     >>> out = sliding_window_attention(q, k, v, 256, mask=attention_mask)  # doctest: +SKIP
   """
-  _check_positive("window", window)
+  check_positive("window", window)
   if chunk_size is not None:
-    _check_positive("chunk_size", chunk_size)
+    check_positive("chunk_size", chunk_size)
   if backend not in ATTENTION_BACKENDS:
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
   check_qkv(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
@@ -322,7 +246,7 @@ def blockwise_attention(
   Example:
     >>> out = blockwise_attention(q, k, v, 512, mask=segment_ids, global_tokens=1)  # doctest: +SKIP
   """
-  _check_positive("block_size", block_size)
+  check_positive("block_size", block_size)
   check_qkv(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
   return sparse_attention(
     q_BxLxHxD,

@@ -161,3 +161,39 @@ def test_gemm_forms_agree_with_pytorch_and_with_float64():
   np.testing.assert_allclose(np.asarray(ours), g @ w.T, rtol=1e-4, atol=1e-4)
   with pytest.raises(SystemExit, match="unknown model"):
     gemm.main(["--models", "minilm,bert-huge"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_jfast_runner_builds_the_spec_optimizer(optimizer):
+  import jax
+
+  from benchmarks import jax_runner
+
+  spec = RunSpec(side="jax", config="grouped_adam8bit", model="tiny", optimizer=optimizer)
+  model, params = jax_runner.build_model(spec, num_labels=2)
+  state, _ = jax_runner.build_step(spec, model, params, epoch_steps=10)
+  dtypes = {leaf.dtype.name for leaf in jax.tree.leaves(state.opt_state) if hasattr(leaf, "dtype")}
+  # bitsandbytes' AdamW8bit on the other side keeps uint8 moments: the jfast side must not quietly run float32 Adam.
+  assert ("uint8" in dtypes) == (optimizer == "adamw8bit"), dtypes
+
+
+def test_packed_rows_follow_the_batch_size():
+  # A packed row holds about four SST-2 sentences: a quarter of the rows keeps a step near the unpacked batch.
+  for base, rows in (({}, 8), ({"batch_size": 64}, 16), ({"batch_size": 128}, 32), ({"batch_size": 2}, 1)):
+    assert specs_for(CONFIGS["packed_bf16"], base)["jax"].batch_size == rows
+  assert specs_for(CONFIGS["grouped_bf16"], {"batch_size": 64})["torch"].batch_size == 64
+
+
+def test_compile_time_option_sets_are_options_this_xla_knows():
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks.compile_time import OPTION_SETS
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 16)), jnp.float32)
+  lowered = jax.jit(lambda a: jnp.tanh(a @ a.T)).lower(x)
+  want = np.tanh(np.asarray(x, np.float64) @ np.asarray(x, np.float64).T)
+  for name, options in OPTION_SETS.items():
+    # XLA rejects an unknown option name; each set must also still compute the same function.
+    got = lowered.compile(compiler_options=options)(x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=name)
