@@ -50,6 +50,21 @@ def _alternate(variants: dict, steps: int) -> dict[str, float]:
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def trim_jax(model, params, batches, keep: np.ndarray):
+  """The classifier with its word-embedding table cut to rows ``keep`` and the batches' ids renumbered to match."""
+  import jax
+
+  table = _remap(keep, model.config.vocab_size)
+  trimmed_batches = [b._replace(input_ids=table[b.input_ids].astype(b.input_ids.dtype)) for b in batches]
+  if any((b.input_ids < 0).any() for b in trimmed_batches):
+    raise ValueError("a batch holds a token outside the kept ids")
+  trimmed_model = model.clone(config=model.config.replace(vocab_size=int(keep.size)))
+  words = params["bert"]["embeddings"]["word_embeddings"]["embedding"]
+  trimmed_params = jax.tree.map(lambda x: x, params)
+  trimmed_params["bert"]["embeddings"]["word_embeddings"] = {"embedding": words[keep]}
+  return trimmed_model, trimmed_params, trimmed_batches
+
+
 def jax_variants(config: str, keep: np.ndarray) -> dict:
   import jax
 
@@ -58,19 +73,9 @@ def jax_variants(config: str, keep: np.ndarray) -> dict:
   spec = _spec(config)
   batches, _, _ = _chosen(spec)
   model, params = build_model(spec, data.NUM_LABELS[spec.task])
-  table = _remap(keep, model.config.vocab_size)
-  trimmed_batches = [b._replace(input_ids=table[b.input_ids].astype(b.input_ids.dtype)) for b in batches]
-  if any((b.input_ids < 0).any() for b in trimmed_batches):
-    raise SystemExit("a batch holds a token outside the kept ids")
-  trimmed_model = model.clone(config=model.config.replace(vocab_size=int(keep.size)))
-  words = params["bert"]["embeddings"]["word_embeddings"]["embedding"]
-  trimmed_params = jax.tree.map(lambda x: x, params)
-  trimmed_params["bert"]["embeddings"]["word_embeddings"] = {"embedding": words[keep]}
+  trimmed = trim_jax(model, params, batches, keep)
   variants = {}
-  for name, m, p, bs in (
-    ("full", model, params, batches),
-    ("trimmed", trimmed_model, trimmed_params, trimmed_batches),
-  ):
+  for name, (m, p, bs) in (("full", (model, params, batches)), ("trimmed", trimmed)):
     state, step = build_step(spec, m, jax.tree.map(lambda x: x.copy(), p), 1000)
     holder = [step.lower(state, bs[0]).compile(), state]
 

@@ -197,3 +197,37 @@ def test_compile_time_option_sets_are_options_this_xla_knows():
     # XLA rejects an unknown option name; each set must also still compute the same function.
     got = lowered.compile(compiler_options=options)(x)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_trimmed_vocabulary_trains_the_same_model(data_dir):
+  # benchmarks.vocab_trim's premise: rows no batch touches keep zero AdamW moments and no weight decay, so training on
+  # the table cut to the used rows gives the same model as training on the whole table.
+  import jax
+  from flax.traverse_util import flatten_dict
+
+  from benchmarks import jax_runner, vocab_trim
+
+  spec = RunSpec(side="jax", config="packed", model="tiny", strategy="packed", batch_size=4, max_train_examples=512)
+  train, _ = data.load_task("sst2", data_dir=data_dir, max_train_examples=512)
+  batches = data.make_epoch(train, spec).batches[:4]
+  keep = np.union1d(np.concatenate([b.input_ids.ravel() for b in batches]), [0])
+  model, params = jax_runner.build_model(spec, num_labels=2)
+  assert keep.size < model.config.vocab_size // 4
+  results = []
+  for m, p, bs in ((model, params, batches), vocab_trim.trim_jax(model, params, batches, keep)):
+    state, step = jax_runner.build_step(spec, m, jax.tree.map(lambda x: x.copy(), p), epoch_steps=8)
+    for b in bs:
+      state, metrics = step(state, b)
+    results.append((jax.device_get(state.params), float(metrics["loss_sum"])))
+  (full, full_loss), (trimmed, trimmed_loss) = results
+  np.testing.assert_allclose(trimmed_loss, full_loss, rtol=1e-5)
+  words = lambda p: p["bert"]["embeddings"]["word_embeddings"]["embedding"]  # noqa: E731
+  np.testing.assert_allclose(words(trimmed), words(full)[keep], rtol=1e-5, atol=1e-6)
+  unused = np.setdiff1d(np.arange(model.config.vocab_size), keep)
+  np.testing.assert_array_equal(words(full)[unused], np.asarray(words(params))[unused])
+  assert not np.allclose(words(full)[keep], np.asarray(words(params))[keep])  # the used rows did train
+  flat_full, flat_trimmed = (flatten_dict(p, sep="/") for p in (full, trimmed))
+  assert flat_full.keys() == flat_trimmed.keys()
+  for path in flat_full:
+    if path != "bert/embeddings/word_embeddings/embedding":  # every other parameter, encoder and head
+      np.testing.assert_allclose(flat_trimmed[path], flat_full[path], rtol=1e-5, atol=1e-6, err_msg=path)
