@@ -231,3 +231,11 @@ def test_trimmed_vocabulary_trains_the_same_model(data_dir):
   for path in flat_full:
     if path != "bert/embeddings/word_embeddings/embedding":  # every other parameter, encoder and head
       np.testing.assert_allclose(flat_trimmed[path], flat_full[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_embedding_update_forms_compute_the_same_moment():
+  from benchmarks import embedding_update
+
+  # run() checks every form against zeros + scatter (repeated token ids included) before it times them.
+  text = embedding_update.run(steps=1, vocab=2000, dim=64, tokens=300)
+  assert text.count("| ") >= 5 and "scatter into b1 * mu" in text
