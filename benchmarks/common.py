@@ -119,3 +119,12 @@ def print_and_save(text: str, out: str | None) -> None:
   if out:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text + "\n")
+
+
+def median_table(title: str, what: str, times: Mapping[str, Sequence[float]], base: str) -> str:
+  """Markdown: ``title``, then each variant's median milliseconds and its speed against the ``base`` variant."""
+  ref = statistics.median(times[base])
+  lines = [title, "", f"| {what} | median ms | vs {base} |", "|---|---|---|"]
+  for name, t in times.items():
+    lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {ref / statistics.median(t):.3f}x |")
+  return "\n".join(lines)

@@ -17,7 +17,6 @@ each checked against the first.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -74,16 +73,10 @@ def run(steps: int, vocab: int = 30522, dim: int = 384, tokens: int = 456) -> st
       moments[name].block_until_ready()
       if i >= 5:
         times[name].append(time.perf_counter() - t0)
-  base = statistics.median(times["zeros + scatter"])
-  lines = [
-    f"Word-embedding gradient + first moment, {vocab} x {dim} float32, {tokens} token rows, {steps} alternated calls",
-    "",
-    "| form | median ms | vs zeros + scatter |",
-    "|---|---|---|",
-  ]
-  for name, t in times.items():
-    lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {base / statistics.median(t):.2f}x |")
-  return "\n".join(lines)
+  title = (
+    f"Word-embedding gradient + first moment, {vocab} x {dim} float32, {tokens} token rows, {steps} alternated calls"
+  )
+  return common.median_table(title, "form", times, "zeros + scatter")
 
 
 def main(argv=None) -> None:
