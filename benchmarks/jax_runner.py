@@ -5,9 +5,8 @@
 Batches come from `jfast.data.make_batches` (checked against the shared plan), the model from
 `jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.train.make_train_step` with the library's
 precision policy, in-step gradient accumulation (``micro_batches``), freezing (`jfast.freezing`) and the 8-bit AdamW
-(`jfast.optim.adamw_8bit`). Each new batch
-shape is compiled ahead of time with ``step.lower(...).compile()`` and timed apart, so step times are execution
-only and compile time is its own column.
+(`jfast.optim.adamw_8bit`). Each new batch shape is compiled ahead of time with ``step.lower(...).compile()`` and
+timed apart, so step times are execution only and compile time is its own column.
 """
 
 from __future__ import annotations

@@ -52,12 +52,10 @@ def make_sparse_step(model, schedule, *, b1=0.9, b2=0.999, eps=1e-8, weight_deca
   import jax.numpy as jnp
   import optax
 
+  from jfast.optimizer import decay_mask
   from jfast.train import RNG_IMPL, classification_loss
 
-  decay = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
-    lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale", "embedding"), p
-  )
-  rest_tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay)
+  rest_tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
 
   def init(train_state):
     rest, table = _split(train_state.params)
@@ -116,9 +114,9 @@ def check_same_training(dense, dense_state, sparse, sparse_state, batches, param
 
 def run(config: str, steps: int, check_steps: int = 8) -> str:
   import jax
-  import optax
 
   from benchmarks.jax_runner import build_model, build_step
+  from jfast.optimizer import learning_rate_schedule
   from jfast.train import OptimizerConfig
 
   spec = _spec(config)
@@ -126,14 +124,7 @@ def run(config: str, steps: int, check_steps: int = 8) -> str:
   model, params = build_model(spec, data.NUM_LABELS[spec.task])
   total = 1000
   cfg = OptimizerConfig(learning_rate=spec.lr)
-  warmup = int(cfg.warmup_ratio * total)
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
-      optax.linear_schedule(cfg.learning_rate, 0.0, max(total - warmup, 1)),
-    ],
-    [warmup],
-  )
+  schedule = learning_rate_schedule(cfg, total)  # the schedule jfast's step gets from make_optimizer
   init, sparse_step = make_sparse_step(model, schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, max_norm=cfg.max_grad_norm)
   dense_state, dense_step = build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), total)
   sparse_state = init(jax.tree.map(lambda x: x.copy(), dense_state))

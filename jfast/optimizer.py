@@ -43,9 +43,30 @@ class OptimizerConfig:
       raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
 
 
-def _decay_mask(params):
+def decay_mask(params):
+  """True for the leaves AdamW decays: weight matrices, not biases, norm scales or embedding tables."""
   return jax.tree_util.tree_map_with_path(
     lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale", "embedding"), params
+  )
+
+
+def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Linear warm-up over ``config.warmup_ratio`` of ``total_steps`` to ``config.learning_rate``, then linear decay to 0.
+
+  Example:
+    >>> schedule = learning_rate_schedule(OptimizerConfig(learning_rate=1e-4, warmup_ratio=0.1), total_steps=100)
+    >>> round(float(schedule(10)), 8), round(float(schedule(55)), 8)
+    (0.0001, 5e-05)
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+  warmup = int(config.warmup_ratio * total_steps)
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
+      optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1)),
+    ],
+    [warmup],
   )
 
 
@@ -62,16 +83,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   Example:
     >>> tx = make_optimizer(OptimizerConfig(learning_rate=3e-5), total_steps=1000)
   """
-  if total_steps < 1:
-    raise ValueError(f"total_steps must be at least 1, got {total_steps}")
-  warmup = int(config.warmup_ratio * total_steps)
-  schedule = optax.join_schedules(
-    [
-      optax.linear_schedule(0.0, config.learning_rate, max(warmup, 1)),
-      optax.linear_schedule(config.learning_rate, 0.0, max(total_steps - warmup, 1)),
-    ],
-    [warmup],
-  )
+  schedule = learning_rate_schedule(config, total_steps)
   if config.name == "adamw_8bit":
     adam = adamw_8bit(
       schedule,
@@ -79,12 +91,12 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
       b2=config.b2,
       eps=config.eps,
       weight_decay=config.weight_decay,
-      mask=_decay_mask,
+      mask=decay_mask,
       block_size=config.block_size,
       min_8bit_size=config.min_8bit_size,
     )
   else:
     adam = optax.adamw(
-      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_decay_mask
+      schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
     )
   return optax.chain(clip_by_global_norm(config.max_grad_norm), adam)

@@ -246,15 +246,16 @@ def test_row_sparse_word_table_step_trains_like_jfasts_step(data_dir):
   import jax
 
   from benchmarks import jax_runner, sparse_embedding_step
+  from jfast.optimizer import learning_rate_schedule
   from jfast.train import OptimizerConfig
 
   spec = RunSpec(side="jax", config="packed", model="tiny", strategy="packed", batch_size=4, max_train_examples=512)
   train, _ = data.load_task("sst2", data_dir=data_dir, max_train_examples=512)
   batches = data.make_epoch(train, spec).batches[:6]
   model, params = jax_runner.build_model(spec, num_labels=2)
-  cfg = OptimizerConfig(learning_rate=spec.lr, warmup_ratio=0.0)
+  cfg = OptimizerConfig(learning_rate=spec.lr)  # what build_step gives make_optimizer
   dense_state, dense_step = jax_runner.build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), 6)
-  schedule = lambda count: cfg.learning_rate * (1 - count / 6)  # noqa: E731  make_optimizer's decay, no warm-up
+  schedule = learning_rate_schedule(cfg, 6)
   init, sparse_step = sparse_embedding_step.make_sparse_step(model, schedule, max_norm=cfg.max_grad_norm)
   sparse_state = init(jax.tree.map(lambda x: x.copy(), dense_state))
   _, _, diff, moved = sparse_embedding_step.check_same_training(
