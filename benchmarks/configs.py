@@ -51,6 +51,7 @@ class RunSpec:
     freeze_layers: -1 trains everything; 0 freezes the embeddings; k > 0 also freezes the first k layers.
     optimizer: ``adamw`` or ``adamw8bit`` (bitsandbytes on PyTorch).
     compile: PyTorch side: wrap the model in ``torch.compile``.
+    row_sparse: jfast side: train the word table row-sparse (`jfast.row_sparse`; the same AdamW update).
     lr: peak learning rate (linear warm-up over 6% of the epoch, then linear decay, on both sides).
     seed: data order, initialisation and dropout.
     threads: CPU threads each side may use (pinned equal).
@@ -80,6 +81,7 @@ class RunSpec:
   freeze_layers: int = -1
   optimizer: str = "adamw"
   compile: bool = False
+  row_sparse: bool = False
   lr: float = 1e-4
   seed: int = 0
   threads: int = 2
@@ -196,6 +198,12 @@ _CONFIG_LIST = [
     None,
   ),
   Config(
+    "packed_bf16_rowsparse",
+    "packed_bf16 with the word table's gradient and AdamW update built from the batch's rows (jfast only)",
+    {"strategy": "packed", "batch_scale": 0.25, "dtype": "bfloat16", "row_sparse": True},
+    None,
+  ),
+  Config(
     "grouped_fp16",
     "length-grouped, fp16 compute with dynamic loss scaling (PyTorch GradScaler, jfast's fp16 policy)",
     {"strategy": "grouped", "dtype": "float16"},
@@ -249,7 +257,17 @@ _CONFIG_LIST = [
 CONFIGS = {c.name: c for c in _CONFIG_LIST}
 
 # What `compare` runs without --configs: every pairwise row and each side's candidates for "best" on this CPU.
-DEFAULT_CONFIGS = ("fixed", "dynamic", "grouped", "grouped_hf", "bucket", "packed", "grouped_bf16", "packed_bf16")
+DEFAULT_CONFIGS = (
+  "fixed",
+  "dynamic",
+  "grouped",
+  "grouped_hf",
+  "bucket",
+  "packed",
+  "grouped_bf16",
+  "packed_bf16",
+  "packed_bf16_rowsparse",
+)
 MFU_CONFIGS = ("mfu_bf16", "mfu_bf16_compile")
 
 

@@ -4,8 +4,8 @@
 
 Batches come from `jfast.data.make_batches` (checked against the shared plan), the model from
 `jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.train.make_train_step` with the library's
-precision policy, in-step gradient accumulation (``micro_batches``), freezing (`jfast.freezing`) and the 8-bit AdamW
-(`jfast.optim.adamw_8bit`). Each new batch shape is compiled ahead of time with ``step.lower(...).compile()`` and
+precision policy, in-step gradient accumulation (``micro_batches``), freezing (`jfast.freezing`), the 8-bit AdamW
+(`jfast.optim.adamw_8bit`) and row-sparse word-table training (`jfast.row_sparse`). Each new batch shape is compiled ahead of time with ``step.lower(...).compile()`` and
 timed apart, so step times are execution only and compile time is its own column.
 """
 
@@ -49,19 +49,27 @@ _POLICIES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 def build_step(spec: RunSpec, model, params, epoch_steps: int):
   """The train state and jitted step: precision policy, in-step accumulation and freezing from the library."""
   from jfast.freezing import freeze, freeze_mask
+  from jfast.row_sparse import row_sparse_embedding
   from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
 
   policy = _POLICIES[spec.dtype]
   # bitsandbytes' AdamW8bit defaults on the other side: blocks of 256, tensors under 4096 elements kept in float32.
   name = {"adamw": "adamw", "adamw8bit": "adamw_8bit"}[spec.optimizer]
-  tx = make_optimizer(OptimizerConfig(learning_rate=spec.lr, name=name), total_steps=epoch_steps)
+  opt = OptimizerConfig(learning_rate=spec.lr, name=name, row_sparse_embeddings=spec.row_sparse)
+  tx = make_optimizer(opt, total_steps=epoch_steps)
   mask = None
   if spec.freeze_layers >= 0:
     # The same modules as the PyTorch side: the embeddings and the bottom freeze_layers encoder layers.
     mask = freeze_mask(params, bottom_layers=spec.freeze_layers)
     tx = freeze(tx, mask)
   state = create_train_state(model, params, tx, seed=spec.seed, policy=policy)
-  step = make_train_step(classification_loss(model), policy=policy, micro_batches=spec.accum, freeze_mask=mask)
+  step = make_train_step(
+    classification_loss(model),
+    policy=policy,
+    micro_batches=spec.accum,
+    freeze_mask=mask,
+    row_sparse=row_sparse_embedding(model) if spec.row_sparse else None,
+  )
   return state, step
 
 

@@ -1,98 +1,26 @@
-"""A prototype train step whose word-embedding update works from the batch's rows, timed against jfast's step.
+"""jfast's step with and without row-sparse word-table training (`jfast.row_sparse`), checked equal, then timed.
 
     python -m benchmarks.sparse_embedding_step --config packed_bf16
 
-jfast's step (`make_train_step` + `make_optimizer`) differentiates the whole word-embedding table: autodiff builds a
-47 MB gradient of zeros plus the batch's rows, the clip reads it, and AdamW reads it again for each moment. Here the
-step instead gathers the batch's distinct token rows (`jnp.unique` with a static size) into a compact table,
-differentiates that ([T, D]), and updates the big table's moments by scattering the compact rows into ``b1 * mu``
-and ``b2 * nu``; the parameter pass stays dense (every row with a moment moves). Clipping sees the same global norm
-(the rows no token touches contribute zeros), and embeddings take no weight decay on either path, so the update
-is AdamW's, to rounding: the script checks the parameters after a few steps against jfast's own step, with the
-same dropout keys, before it times the two alternated on the same batches. A measurement for #8, not a library
-path: it handles one config (no freezing, accumulation, loss scaling, 8-bit state or sharding).
+The dense step differentiates the whole word-embedding table: autodiff builds a 47 MB gradient of zeros plus the
+batch's rows, the clip reads it, and AdamW reads it again for each moment. The row-sparse step differentiates the
+batch's distinct rows only and scatters them into the decayed moments. Both come from `benchmarks.jax_runner`'s
+``build_step`` (the spec's ``row_sparse`` switch), so this times exactly what ``benchmarks.compare`` runs. The
+script first checks that the two train the same parameters (same batches, same dropout keys), then times them
+alternated on the same batches. (Session 10 timed a hand-written prototype of this step here; it is now the
+library's.)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
-from typing import Any, NamedTuple
 
 import numpy as np
 
 from benchmarks import common, data
 from benchmarks.step_profile import _chosen, _spec
-
-
-class SparseState(NamedTuple):
-  step: Any
-  params: Any
-  rest_opt: Any
-  mu: Any
-  nu: Any
-  rng: Any
-
-
-def _split(params):
-  """(params without the word table, the word table)."""
-  emb = dict(params["bert"]["embeddings"])
-  table = emb.pop("word_embeddings")["embedding"]
-  return {**params, "bert": {**params["bert"], "embeddings": emb}}, table
-
-
-def _join(rest, table):
-  emb = {**rest["bert"]["embeddings"], "word_embeddings": {"embedding": table}}
-  return {**rest, "bert": {**rest["bert"], "embeddings": emb}}
-
-
-def make_sparse_step(model, schedule, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, max_norm=1.0):
-  """``(init(train_state) -> SparseState, step(state, batch) -> (state, loss))``, jitted, state donated."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  from jfast.optimizer import decay_mask
-  from jfast.train import RNG_IMPL, classification_loss
-
-  rest_tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
-
-  def init(train_state):
-    rest, table = _split(train_state.params)
-    mu, nu = jnp.zeros_like(table), jnp.zeros_like(table)  # two buffers: the step donates both
-    return SparseState(train_state.step, train_state.params, rest_tx.init(rest), mu, nu, train_state.rng)
-
-  def step(state, batch):
-    rest, table = _split(state.params)
-    ids = batch.input_ids.reshape(-1)
-    uid, inv = jnp.unique(ids, size=ids.size, fill_value=0, return_inverse=True)
-    compact_batch = batch._replace(input_ids=inv.reshape(batch.input_ids.shape).astype(batch.input_ids.dtype))
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=RNG_IMPL), state.step)
-
-    # A model whose table is the compact one (flax checks the parameter's shape against the config).
-    loss_fn = classification_loss(model.clone(config=model.config.replace(vocab_size=ids.size)))
-
-    def loss(rest, rows):
-      return loss_fn(_join(rest, rows), compact_batch, key, False)
-
-    (value, _), (g_rest, g_rows) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(rest, table[uid])
-    norm = optax.tree.norm((g_rest, g_rows))  # rows no token touches would add zeros
-    scale = jnp.minimum(1.0, max_norm / norm)
-    g_rest = jax.tree.map(lambda g: g * scale, g_rest)
-    g_rows = g_rows * scale
-    updates, rest_opt = rest_tx.update(g_rest, state.rest_opt, rest)
-    rest = optax.apply_updates(rest, updates)
-    # Padding slots of uid repeat id 0 with zero rows: adding zeros leaves row 0 exact.
-    mu = (b1 * state.mu).at[uid].add((1 - b1) * g_rows)
-    nu = (b2 * state.nu).at[uid].add((1 - b2) * g_rows * g_rows)
-    count = state.rest_opt[0].count  # optax's adam count before this update
-    t = (count + 1).astype(jnp.float32)
-    update = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
-    table = table - schedule(count) * update
-    new = SparseState(state.step + 1, _join(rest, table), rest_opt, mu, nu, state.rng)
-    return new, value
-
-  return init, jax.jit(step, donate_argnums=0)
 
 
 def check_same_training(dense, dense_state, sparse, sparse_state, batches, params):
@@ -116,18 +44,15 @@ def run(config: str, steps: int, check_steps: int = 8) -> str:
   import jax
 
   from benchmarks.jax_runner import build_model, build_step
-  from jfast.optimizer import learning_rate_schedule
-  from jfast.train import OptimizerConfig
 
-  spec = _spec(config)
+  spec = dataclasses.replace(_spec(config), row_sparse=False)
   batches, _, _ = _chosen(spec)
   model, params = build_model(spec, data.NUM_LABELS[spec.task])
   total = 1000
-  cfg = OptimizerConfig(learning_rate=spec.lr)
-  schedule = learning_rate_schedule(cfg, total)  # the schedule jfast's step gets from make_optimizer
-  init, sparse_step = make_sparse_step(model, schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, max_norm=cfg.max_grad_norm)
   dense_state, dense_step = build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), total)
-  sparse_state = init(jax.tree.map(lambda x: x.copy(), dense_state))
+  sparse_state, sparse_step = build_step(
+    dataclasses.replace(spec, row_sparse=True), model, jax.tree.map(lambda x: x.copy(), params), total
+  )
   dense = dense_step.lower(dense_state, batches[0]).compile()
   sparse = sparse_step.lower(sparse_state, batches[0]).compile()
 

@@ -64,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("--warmup-ratio", type=float, default=0.06)
   p.add_argument(
+    "--row-sparse-embeddings",
+    action="store_true",
+    help="train the word table from each batch's rows (jfast.row_sparse: the same AdamW, faster on CPU)",
+  )
+  p.add_argument(
     "--precision",
     default="fp32",
     help="fp32 | bf16 | fp16 | pure-bf16 | a policy string such as params=float32,compute=bfloat16,output=float32",
@@ -121,6 +126,8 @@ def main(argv=None) -> dict:
   # Before anything touches a device: a multi-host run must join its peers first (no-op on one host).
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   if args.distill_from:
+    if args.row_sparse_embeddings:
+      raise SystemExit("--row-sparse-embeddings is not supported with --distill-from: the distillation step is dense")
     from experiments.distill import run_distill_finetune
 
     return run_distill_finetune(args)
@@ -167,7 +174,11 @@ def main(argv=None) -> dict:
     progress=not args.no_progress,
   )
   opt = OptimizerConfig(
-    learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, name=args.optimizer
+    learning_rate=args.lr,
+    weight_decay=args.weight_decay,
+    warmup_ratio=args.warmup_ratio,
+    name=args.optimizer,
+    row_sparse_embeddings=args.row_sparse_embeddings,
   )
   model, params = init_classifier(config, encoder_params, len(train_ds.label_names), jax.random.PRNGKey(args.seed))
   from experiments.pruning import apply_pruning_args
@@ -188,6 +199,7 @@ def main(argv=None) -> dict:
     mesh=mesh_from_string(args.mesh),
     micro_batches=args.micro_batches,
     freeze_mask=freeze_mask(params, bottom_layers=args.freeze_layers) if args.freeze_layers else None,
+    row_sparse=args.row_sparse_embeddings,
   )
   wall = time.perf_counter() - t_start
   final = result.evals[-1]

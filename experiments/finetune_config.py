@@ -64,6 +64,7 @@ class OptimizerSection:
   learning_rate: float = 1e-4
   weight_decay: float = 0.01
   warmup_ratio: float = 0.06
+  row_sparse_embeddings: bool = False  # the word table trains from each batch's rows (jfast.row_sparse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,7 @@ FLAGS: dict[str, str] = {
   "optimizer.learning_rate": "--lr",
   "optimizer.weight_decay": "--weight-decay",
   "optimizer.warmup_ratio": "--warmup-ratio",
+  "optimizer.row_sparse_embeddings": "--row-sparse-embeddings",
   "loop.epochs": "--epochs",
   "loop.max_steps": "--max-steps",
   "loop.eval_every": "--eval-every",

@@ -26,6 +26,7 @@ from jfast.freezing import freeze
 from jfast.loss_scale import LossScale
 from jfast.precision import Policy, get_policy
 from jfast.remat import compiler_options as remat_compiler_options
+from jfast.row_sparse import row_sparse_embedding
 from jfast.sharding import ShardingRules, shard_batch
 from jfast.train import (
   CompiledStep,
@@ -117,6 +118,7 @@ def fit(
   freeze_mask=None,
   mesh: Mesh | None = None,
   rules: ShardingRules | None = None,
+  row_sparse: bool = False,
 ) -> FitResult:
   """Fine-tunes a classifier and evaluates it; resumes from ``loop.checkpoint_dir`` when it holds a checkpoint.
 
@@ -144,6 +146,8 @@ def fit(
       ``dev`` are this host's shard, ``batching.batch_size`` its rows of each global batch, and every host runs
       the same number of steps (`jfast.distributed.equalize_batches`). None: one device.
     rules: `jfast.sharding.ShardingRules` (default: the library's table).
+    row_sparse: train the word table from the batch's rows (`jfast.row_sparse`); ``tx_factory`` must build its
+      optimizer with ``OptimizerConfig(row_sparse_embeddings=True)``.
 
   Returns:
     A `FitResult`.
@@ -174,6 +178,7 @@ def fit(
     rules=rules,
     micro_batches=micro_batches,
     freeze_mask=freeze_mask,
+    row_sparse=row_sparse_embedding(model) if row_sparse else None,
   )
   eval_step = make_eval_step(loss_fn, mesh=mesh, rules=rules)
   place = (lambda b: b) if mesh is None else (lambda b: shard_batch(b, mesh))

@@ -9,6 +9,7 @@ import optax
 
 from jfast.clipping import clip_by_global_norm
 from jfast.optim import adamw_8bit
+from jfast.row_sparse import row_sparse_adamw, word_table_mask
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
 
@@ -19,6 +20,10 @@ class OptimizerConfig:
 
   ``name`` picks the AdamW: ``adamw`` (optax, float32 moments) or ``adamw_8bit`` (`jfast.optim.adamw_8bit`:
   blockwise 8-bit moments, ``block_size`` and ``min_8bit_size`` as there).
+
+  ``row_sparse_embeddings`` trains the word table with `jfast.row_sparse.row_sparse_adamw` (the same AdamW, fed
+  the batch's rows only); the step must then be built with ``make_train_step(..., row_sparse=...)``. The table's
+  moments are then float32 (its parameter dtype) even under ``adamw_8bit``.
   """
 
   learning_rate: float = 5e-5
@@ -31,6 +36,7 @@ class OptimizerConfig:
   name: str = "adamw"
   block_size: int = 256
   min_8bit_size: int = 4096
+  row_sparse_embeddings: bool = False
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -99,4 +105,9 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     adam = optax.adamw(
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
     )
+  if config.row_sparse_embeddings:
+    # Embedding tables take no weight decay (decay_mask), so neither does the row-sparse table.
+    table = row_sparse_adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+    rest_mask = lambda params: jax.tree.map(lambda t: not t, word_table_mask(params))  # noqa: E731
+    adam = optax.chain(optax.masked(adam, rest_mask), optax.masked(table, word_table_mask))
   return optax.chain(clip_by_global_norm(config.max_grad_norm), adam)

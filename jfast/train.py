@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from jfast.data.batch import Batch
 from jfast.loss_scale import LossScale, NoOpLossScale, all_finite, resolve_loss_scale
 from jfast.optimizer import OPTIMIZERS, OptimizerConfig, make_optimizer
 from jfast.precision import Policy, get_policy
+from jfast.row_sparse import RowSparseEmbedding, compact_params_and_batch, find_row_sparse_state
 from jfast.sharding import ShardingRules
 
 # The optimizer lives in `jfast.optimizer`; re-exported so one import builds a state and its step.
@@ -219,6 +221,7 @@ def _train_step(
   micro_batches: int = 1,
   freeze_mask=None,
   normalize_by: str = "examples",
+  rows_spec: RowSparseEmbedding | None = None,
 ):
   if policy is not None:
     _check_policy(state, policy)
@@ -229,6 +232,23 @@ def _train_step(
     trainable, frozen = state.params, None
   else:
     trainable, frozen = freezing.split(state.params, freeze_mask)
+  extra_args = {}
+  if find_row_sparse_state(state.opt_state) != (rows_spec is not None):
+    raise ValueError(
+      "the optimizer and the step disagree about row-sparse embeddings: build both or neither, "
+      "make_optimizer(OptimizerConfig(row_sparse_embeddings=True), ...) with make_train_step(..., row_sparse=...)"
+    )
+  if rows_spec is not None:
+    # The table becomes the batch's rows and the batch indexes into them (`jfast.row_sparse`).
+    trainable, batch, rows = compact_params_and_batch(trainable, batch, rows_spec.path)
+    loss_fn = rows_spec.make_loss(rows.shape[0])
+    extra_args = {"rows": rows}
+
+  def apply_gradients(st, grads):
+    if not extra_args:
+      return st.apply_gradients(grads=grads)
+    updates, opt_state = st.tx.update(grads, st.opt_state, st.params, **extra_args)
+    return st.replace(step=st.step + 1, params=optax.apply_updates(st.params, updates), opt_state=opt_state)
 
   def scaled_loss_fn(params, batch, rng, deterministic):
     if freeze_mask is not None:
@@ -261,7 +281,7 @@ def _train_step(
     # The optimizer (wrapped by `freezing.freeze`) routes these zeros to set_to_zero; XLA removes them.
     grads = freezing.merge(grads, jax.tree.map(jnp.zeros_like, frozen), freeze_mask)
   if isinstance(ls, NoOpLossScale):
-    new_state = state.apply_gradients(grads=grads)
+    new_state = apply_gradients(state, grads)
     skipped = jnp.zeros((), jnp.float32)
   else:
     # A step whose gradients hold an inf or NaN returns the old params and optimizer state as they are, so the
@@ -272,7 +292,7 @@ def _train_step(
     finite = all_finite(grads)
 
     def update(st):
-      new = st.apply_gradients(grads=grads)
+      new = apply_gradients(st, grads)
       return new.params, new.opt_state
 
     params, opt_state = jax.lax.cond(finite, update, lambda st: (st.params, st.opt_state), state)
@@ -307,6 +327,7 @@ def make_train_step(
   mesh: Mesh | None = None,
   rules: ShardingRules | None = None,
   compiler_options: dict[str, Any] | None = None,
+  row_sparse: RowSparseEmbedding | None = None,
 ) -> CompiledStep:
   """Builds the jitted train step ``(state, batch) -> (state, metrics)``.
 
@@ -335,6 +356,10 @@ def make_train_step(
     rules: `jfast.sharding.ShardingRules` (default: the library's table).
     compiler_options: XLA options for this step's compilation, e.g. `jfast.remat.compiler_options(policy)`, which
       remat needs on CPU to save any memory.
+    row_sparse: from `jfast.row_sparse.row_sparse_embedding(model)`: the word table's gradient is taken for the
+      batch's rows only, and the optimizer (``OptimizerConfig(row_sparse_embeddings=True)``) scatters it into its
+      moments; the same AdamW update without a table-sized gradient. ``loss_fn`` is then unused: the spec's
+      ``make_loss`` builds the loss of the model with a compact table.
 
   Returns:
     A `CompiledStep`; ``step.num_compiles`` counts XLA compilations.
@@ -355,6 +380,11 @@ def make_train_step(
     raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
   if mesh is not None:
     loss_fn = mesh_jit.gather_params(loss_fn, mesh, rules)  # FSDP: gather weights, keep activations batch-split
+    if row_sparse is not None:
+      make_loss = row_sparse.make_loss
+      row_sparse = dataclasses.replace(
+        row_sparse, make_loss=lambda n: mesh_jit.gather_params(make_loss(n), mesh, rules)
+      )
   step = functools.partial(
     _train_step,
     loss_fn=loss_fn,
@@ -362,6 +392,7 @@ def make_train_step(
     micro_batches=micro_batches,
     freeze_mask=freeze_mask,
     normalize_by=normalize_by,
+    rows_spec=row_sparse,
   )
   return CompiledStep(step, mesh=mesh, rules=rules, **jit_kwargs)
 

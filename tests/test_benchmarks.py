@@ -241,23 +241,23 @@ def test_embedding_update_forms_compute_the_same_moment():
   assert text.count("| ") >= 5 and "scatter into b1 * mu" in text
 
 
-def test_row_sparse_word_table_step_trains_like_jfasts_step(data_dir):
-  # benchmarks.sparse_embedding_step's prototype must be AdamW on the whole table, or its timing means nothing.
+def test_row_sparse_config_trains_like_the_dense_one(data_dir):
+  # The packed_bf16_rowsparse row must train what packed_bf16 trains, or its timing means nothing.
+  import dataclasses
+
   import jax
 
   from benchmarks import jax_runner, sparse_embedding_step
-  from jfast.optimizer import learning_rate_schedule
-  from jfast.train import OptimizerConfig
+  from jfast.row_sparse import find_row_sparse_state
 
   spec = RunSpec(side="jax", config="packed", model="tiny", strategy="packed", batch_size=4, max_train_examples=512)
   train, _ = data.load_task("sst2", data_dir=data_dir, max_train_examples=512)
   batches = data.make_epoch(train, spec).batches[:6]
   model, params = jax_runner.build_model(spec, num_labels=2)
-  cfg = OptimizerConfig(learning_rate=spec.lr)  # what build_step gives make_optimizer
-  dense_state, dense_step = jax_runner.build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), 6)
-  schedule = learning_rate_schedule(cfg, 6)
-  init, sparse_step = sparse_embedding_step.make_sparse_step(model, schedule, max_norm=cfg.max_grad_norm)
-  sparse_state = init(jax.tree.map(lambda x: x.copy(), dense_state))
+  copy = lambda: jax.tree.map(lambda x: x.copy(), params)  # noqa: E731
+  dense_state, dense_step = jax_runner.build_step(spec, model, copy(), 6)
+  sparse_state, sparse_step = jax_runner.build_step(dataclasses.replace(spec, row_sparse=True), model, copy(), 6)
+  assert find_row_sparse_state(sparse_state.opt_state) and not find_row_sparse_state(dense_state.opt_state)
   _, _, diff, moved = sparse_embedding_step.check_same_training(
     dense_step, dense_state, sparse_step, sparse_state, batches, params
   )

@@ -102,6 +102,14 @@ def test_8bit_optimizer_and_accumulation_shard_too(eight_devices):
   assert got["params"]["fractions"] == [2, 4, 8] and got["compiles"] == 1
 
 
+@pytest.mark.parametrize("name", ["fsdp8", "data4_tensor2"])
+def test_row_sparse_word_table_trains_like_one_device(eight_devices, name):
+  # The table's rows over tensor, its features over fsdp: fsdp8 splits it by columns, data4_tensor2 by rows.
+  got = eight_devices["row_sparse"][name]
+  assert got["loss_diff"] <= TOL and got["param_diff"] <= TOL, got
+  assert got["table_spec"] == "P('tensor', 'fsdp')" and got["compiles"] == 1, got
+
+
 @pytest.mark.parametrize(("name", "shards"), [("data8", 1), ("fsdp8", 8), ("tensor8", 8), ("data4_tensor2", 2)])
 def test_per_device_bytes_are_one_over_n(eight_devices, name, shards):
   run = eight_devices["strategies"][name]

@@ -1,0 +1,247 @@
+"""Row-sparse word-embedding training: the gradient and Adam update of the word table built from the batch's rows.
+
+A batch of 32 sentences touches a few hundred of the word table's 30,522 rows, yet `jax.grad` of an embedding
+lookup is table-shaped: XLA fills a 47 MB (MiniLM, float32) buffer with zeros, scatters the batch's rows into it,
+and the clip and both Adam moments read all of it again. On the 2-core CPU that zero fill alone is 3-4 ms a step,
+single-threaded, with page-fault spikes to 30 ms (`benchmarks/embedding_update.py`).
+
+Here the step gathers the batch's distinct ids (`compact_rows`: ``jnp.unique`` with a static size), remaps the
+batch onto them, and differentiates a model whose table is just those rows (``[T, D]``, T = tokens in the batch).
+The optimizer, `row_sparse_adamw`, takes the compact gradient and the row ids (an optax extra argument) and
+scatters it into the decayed moments, ``b1 * mu`` and ``b2 * nu``; the parameter pass stays dense, because every
+row that has a moment moves under Adam. So the update is AdamW's, to float rounding (tested against the dense
+step): this is an implementation of the same optimizer, not the "lazy" Adam of ``torch.optim.SparseAdam``.
+Clipping sees the same global norm, since rows no token touches contribute zeros.
+
+No library does this for JAX: optax has no sparse-gradient type, and flax's `nn.Embed` differentiates densely.
+
+    tx = make_optimizer(OptimizerConfig(row_sparse_embeddings=True), total_steps)
+    step = make_train_step(classification_loss(model), row_sparse=row_sparse_embedding(model))
+
+Tied tables (a decoder's output layer reusing its input embedding) have dense gradients and are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# The table's path ends with these keys (jfast's BERT: bert/embeddings/word_embeddings/embedding).
+WORD_TABLE = ("word_embeddings", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSparseEmbedding:
+  """Which parameter trains row-sparse, and the loss of a model whose table holds only some rows.
+
+  Attributes:
+    path: keys from the parameter root to the table, e.g. ``("bert", "embeddings", "word_embeddings", "embedding")``.
+    make_loss: ``num_rows -> loss_fn``: the step's loss for the same model with a ``num_rows``-row table (the
+      batch's ids are remapped onto those rows).
+  """
+
+  path: tuple[str, ...]
+  make_loss: Callable[[int], Callable]
+
+
+def row_sparse_embedding(model, make_loss: Callable | None = None) -> RowSparseEmbedding:
+  """The `RowSparseEmbedding` of a jfast BERT's word table.
+
+  Args:
+    model: a `jfast.models.BertForSequenceClassification` or `BertModel`.
+    make_loss: ``model -> loss_fn`` (default `jfast.train.classification_loss`); called with a copy of ``model``
+      whose config has a smaller ``vocab_size``.
+
+  Returns:
+    The spec to pass to `jfast.train.make_train_step(..., row_sparse=...)`.
+
+  Example:
+    >>> spec = row_sparse_embedding(model)  # doctest: +SKIP
+    >>> spec.path  # doctest: +SKIP
+    ('bert', 'embeddings', 'word_embeddings', 'embedding')
+  """
+  from jfast.models.bert import BertForSequenceClassification, BertModel
+
+  if make_loss is None:
+    from jfast.train import classification_loss as make_loss
+  if isinstance(model, BertForSequenceClassification):
+    path = ("bert", "embeddings", *WORD_TABLE)
+  elif isinstance(model, BertModel):
+    path = ("embeddings", *WORD_TABLE)
+  else:
+    raise ValueError(
+      f"row-sparse embeddings support jfast's BERT models, not {type(model).__name__}; a decoder whose output layer "
+      "is tied to its input embedding has a dense table gradient, so there is nothing to gain"
+    )
+
+  def resized_loss(num_rows: int):
+    return make_loss(model.clone(config=model.config.replace(vocab_size=num_rows)))
+
+  return RowSparseEmbedding(path=path, make_loss=resized_loss)
+
+
+def compact_rows(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+  """The distinct ids of ``ids`` and ``ids`` remapped onto them.
+
+  Returns:
+    ``(rows[T], local_ids)``: T = min(ids.size, vocab_size), a static size; ``rows`` is sorted, its unused tail
+    holds ``vocab_size`` (out of range: gathers fill zeros, scatters drop it); ``rows[local_ids] == ids``.
+  """
+  flat = ids.reshape(-1)
+  rows, local = jnp.unique(flat, size=min(flat.size, vocab_size), fill_value=vocab_size, return_inverse=True)
+  return rows.astype(jnp.int32), local.reshape(ids.shape).astype(ids.dtype)
+
+
+def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
+  """``table[rows]`` with zero rows for the out-of-range fill ids of `compact_rows`."""
+  return table.at[rows].get(mode="fill", fill_value=0)
+
+
+def word_table_mask(params) -> Any:
+  """True at the one word-embedding table (path ending ``word_embeddings/embedding``), False elsewhere."""
+  mask = jax.tree_util.tree_map_with_path(
+    lambda path, _: tuple(getattr(k, "key", None) for k in path[-2:]) == WORD_TABLE, params
+  )
+  found = sum(jax.tree.leaves(mask))
+  if found != 1:
+    raise ValueError(
+      f"row-sparse embeddings need exactly one trainable parameter at .../{'/'.join(WORD_TABLE)}, found {found}: "
+      "turn row_sparse_embeddings off when the word table is frozen or the model has none"
+    )
+  return mask
+
+
+class RowSparseAdamState(NamedTuple):
+  """Adam's step count and float moments, table-shaped, as `optax.ScaleByAdamState` keeps them."""
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def row_sparse_adamw(
+  learning_rate: float | optax.Schedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW (as `optax.adamw`) whose gradients arrive as compact rows, with their row ids as the ``rows`` argument.
+
+  ``update(grads, state, params, rows=rows)``: each gradient leaf is ``[T, D]``, row ``i`` holding the gradient
+  of table row ``rows[i]`` (ids out of range, the fill of `compact_rows`, are dropped); the moments are
+  table-shaped and the returned updates are table-shaped, so `optax.apply_updates` applies them as usual. Rows
+  absent from ``rows`` had zero gradient: their moments decay and they still move, exactly as in dense AdamW.
+
+  Args:
+    learning_rate: a float or an optax schedule (read at the count before this update, as optax does).
+    b1, b2, eps: Adam's constants.
+    weight_decay: decoupled decay, applied to every row.
+
+  Returns:
+    An optax `GradientTransformationExtraArgs` with a `RowSparseAdamState`. Use it through `optax.masked` on the
+    table only (`jfast.optimizer.make_optimizer` does, with ``row_sparse_embeddings=True``).
+
+  Example:
+    >>> tx = row_sparse_adamw(1e-3)
+    >>> table = jnp.arange(12.0).reshape(6, 2)
+    >>> state = tx.init(table)
+    >>> updates, state = tx.update(jnp.ones((2, 2)), state, table, rows=jnp.array([1, 4]))
+    >>> updates.shape, float(updates[0, 0]), round(float(updates[1, 0]), 6)
+    ((6, 2), 0.0, -0.001)
+  """
+
+  def init_fn(params):
+    return RowSparseAdamState(
+      count=jnp.zeros((), jnp.int32), mu=jax.tree.map(jnp.zeros_like, params), nu=jax.tree.map(jnp.zeros_like, params)
+    )
+
+  def update_fn(updates, state, params=None, *, rows=None, **extra_args):
+    del extra_args
+    if rows is None:
+      raise ValueError(
+        "row_sparse_adamw needs the gradient's row ids (rows=...): build the step with "
+        "make_train_step(..., row_sparse=row_sparse_embedding(model))"
+      )
+    if weight_decay and params is None:
+      raise ValueError("row_sparse_adamw with weight_decay needs params")
+    count = optax.safe_increment(state.count)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+
+    def moments(g, mu, nu):
+      if g.ndim != mu.ndim or g.shape[1:] != mu.shape[1:] or g.shape[0] != rows.shape[0]:
+        raise ValueError(
+          f"row_sparse_adamw got a gradient of shape {g.shape} for a table of shape {mu.shape} and {rows.shape[0]} "
+          "row ids: expected one gradient row per id"
+        )
+      g = g.astype(mu.dtype)
+      mu = (b1 * mu).at[rows].add((1 - b1) * g, mode="drop")
+      nu = (b2 * nu).at[rows].add((1 - b2) * g * g, mode="drop")
+      return mu, nu
+
+    new = jax.tree.map(moments, updates, state.mu, state.nu)
+    mu = jax.tree.map(lambda _, m: m[0], updates, new)
+    nu = jax.tree.map(lambda _, m: m[1], updates, new)
+    c1 = 1 - b1 ** count.astype(jnp.float32)
+    c2 = 1 - b2 ** count.astype(jnp.float32)
+
+    def step(m, v, p):
+      u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+      if weight_decay:
+        u = u + weight_decay * p
+      return (-lr * u).astype(m.dtype)
+
+    out = jax.tree.map(step, mu, nu, params if params is not None else mu)
+    return out, RowSparseAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def find_row_sparse_state(opt_state) -> bool:
+  """Whether an optimizer state holds a `row_sparse_adamw` state (the step checks it matches ``row_sparse``)."""
+  leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, RowSparseAdamState))
+  return any(isinstance(x, RowSparseAdamState) for x in leaves)
+
+
+def _get(tree, path: tuple[str, ...]):
+  for key in path:
+    if not isinstance(tree, dict) or key not in tree:
+      raise ValueError(f"row_sparse path {'/'.join(path)} is not a parameter of this model (no {key!r})")
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path: tuple[str, ...], value):
+  if not path:
+    return value
+  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def compact_params_and_batch(params, batch, path: tuple[str, ...]):
+  """``(params with the table at path cut to the batch's rows, the batch remapped onto them, the row ids)``."""
+  table = _get(params, path)
+  if table is None:
+    raise ValueError(f"the row-sparse table {'/'.join(path)} is frozen; leave row_sparse off when it does not train")
+  if not jnp.issubdtype(batch.input_ids.dtype, jnp.integer):
+    raise ValueError(f"input_ids must be integer token ids, got {batch.input_ids.dtype}")
+  rows, local = compact_rows(batch.input_ids, table.shape[0])
+  return _set(params, path, gather_rows(table, rows)), batch._replace(input_ids=local), rows
+
+
+__all__ = [
+  "WORD_TABLE",
+  "RowSparseAdamState",
+  "RowSparseEmbedding",
+  "compact_params_and_batch",
+  "compact_rows",
+  "find_row_sparse_state",
+  "gather_rows",
+  "row_sparse_adamw",
+  "row_sparse_embedding",
+  "word_table_mask",
+]
