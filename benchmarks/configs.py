@@ -51,7 +51,8 @@ class RunSpec:
     freeze_layers: -1 trains everything; 0 freezes the embeddings; k > 0 also freezes the first k layers.
     optimizer: ``adamw`` or ``adamw8bit`` (bitsandbytes on PyTorch).
     compile: PyTorch side: wrap the model in ``torch.compile``.
-    row_sparse: jfast side: train the word table row-sparse (`jfast.row_sparse`; the same AdamW update).
+    row_sparse: jfast side: ``off``, or train the word table from the batch's rows (`jfast.row_sparse`): ``exact``
+      (the same AdamW update) or ``lazy`` (only those rows move: ``torch.optim.SparseAdam``'s optimizer).
     lr: peak learning rate (linear warm-up over 6% of the epoch, then linear decay, on both sides).
     seed: data order, initialisation and dropout.
     threads: CPU threads each side may use (pinned equal).
@@ -81,7 +82,7 @@ class RunSpec:
   freeze_layers: int = -1
   optimizer: str = "adamw"
   compile: bool = False
-  row_sparse: bool = False
+  row_sparse: str = "off"
   lr: float = 1e-4
   seed: int = 0
   threads: int = 2
@@ -200,8 +201,20 @@ _CONFIG_LIST = [
   Config(
     "packed_bf16_rowsparse",
     "packed_bf16 with the word table's gradient and AdamW update built from the batch's rows (jfast only)",
-    {"strategy": "packed", "batch_scale": 0.25, "dtype": "bfloat16", "row_sparse": True},
+    {"strategy": "packed", "batch_scale": 0.25, "dtype": "bfloat16", "row_sparse": "exact"},
     None,
+  ),
+  Config(
+    "packed_bf16_lazyemb",
+    "packed_bf16 with lazy Adam on the word table: only the batch's rows move, as torch.optim.SparseAdam (jfast only)",
+    {"strategy": "packed", "batch_scale": 0.25, "dtype": "bfloat16", "row_sparse": "lazy"},
+    None,
+  ),
+  Config(
+    "grouped_bf16_lazyemb",
+    "grouped_bf16 with lazy Adam on the word table (jfast row_sparse 'lazy'; nn.Embedding(sparse=True) + SparseAdam)",
+    {"strategy": "grouped", "dtype": "bfloat16", "row_sparse": "lazy"},
+    {**_GROUPED_T, "dtype": "bfloat16", "row_sparse": "lazy"},
   ),
   Config(
     "grouped_fp16",

@@ -68,7 +68,7 @@ def build_step(spec: RunSpec, model, params, epoch_steps: int):
     policy=policy,
     micro_batches=spec.accum,
     freeze_mask=mask,
-    row_sparse=row_sparse_embedding(model) if spec.row_sparse else None,
+    row_sparse=row_sparse_embedding(model) if spec.row_sparse != "off" else None,
   )
   return state, step
 

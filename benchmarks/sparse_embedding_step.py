@@ -6,9 +6,10 @@ The dense step differentiates the whole word-embedding table: autodiff builds a 
 batch's rows, the clip reads it, and AdamW reads it again for each moment. The row-sparse step differentiates the
 batch's distinct rows only and scatters them into the decayed moments. Both come from `benchmarks.jax_runner`'s
 ``build_step`` (the spec's ``row_sparse`` switch), so this times exactly what ``benchmarks.compare`` runs. The
-script first checks that the two train the same parameters (same batches, same dropout keys), then times them
-alternated on the same batches. (Session 10 timed a hand-written prototype of this step here; it is now the
-library's.)
+script first checks that the dense and the exact row-sparse step train the same parameters (same batches, same
+dropout keys), then times them and the lazy variant (only the batch's rows move) alternated on the same batches,
+with glibc huge pages on as `benchmarks.compare` runs jfast (`JFAST_HUGEPAGES=0` turns them off). (Session 10
+timed a hand-written prototype of this step here; it is now the library's.)
 """
 
 from __future__ import annotations
@@ -45,33 +46,37 @@ def run(config: str, steps: int, check_steps: int = 8) -> str:
 
   from benchmarks.jax_runner import build_model, build_step
 
-  spec = dataclasses.replace(_spec(config), row_sparse=False)
+  spec = dataclasses.replace(_spec(config), row_sparse="off")
   batches, _, _ = _chosen(spec)
   model, params = build_model(spec, data.NUM_LABELS[spec.task])
   total = 1000
   dense_state, dense_step = build_step(spec, model, jax.tree.map(lambda x: x.copy(), params), total)
   sparse_state, sparse_step = build_step(
-    dataclasses.replace(spec, row_sparse=True), model, jax.tree.map(lambda x: x.copy(), params), total
+    dataclasses.replace(spec, row_sparse="exact"), model, jax.tree.map(lambda x: x.copy(), params), total
+  )
+  lazy_state, lazy_step = build_step(
+    dataclasses.replace(spec, row_sparse="lazy"), model, jax.tree.map(lambda x: x.copy(), params), total
   )
   dense = dense_step.lower(dense_state, batches[0]).compile()
   sparse = sparse_step.lower(sparse_state, batches[0]).compile()
+  lazy = lazy_step.lower(lazy_state, batches[0]).compile()
 
-  # Same init, same batches, same dropout keys: the two steps must train the same parameters.
+  # Same init, same batches, same dropout keys: the exact row-sparse step must train the same parameters.
   dense_state, sparse_state, diff, moved = check_same_training(
     dense, dense_state, sparse, sparse_state, batches[:check_steps], params
   )
-
-  times = {"jfast step": [], "row-sparse word table": []}
+  runs = {
+    "jfast step": [dense, dense_state],
+    "row-sparse word table (exact)": [sparse, sparse_state],
+    "row-sparse word table (lazy)": [lazy, lazy_state],
+  }
+  times = {name: [] for name in runs}
   for i in range(3 + steps):
     batch = batches[i % len(batches)]
-    for name in times:
+    for name, run_ in runs.items():
       t0 = time.perf_counter()
-      if name == "jfast step":
-        dense_state, m = dense(dense_state, batch)
-        jax.block_until_ready((dense_state, m))
-      else:
-        sparse_state, m = sparse(sparse_state, batch)
-        jax.block_until_ready((sparse_state, m))
+      run_[1], m = run_[0](run_[1], batch)
+      jax.block_until_ready((run_[1], m))
       if i >= 3:
         times[name].append(time.perf_counter() - t0)
   title = (
@@ -87,6 +92,9 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--out", default=None, help="also write the markdown here")
   args = p.parse_args(argv)
+  from jfast.hugepages import ensure_hugepages
+
+  ensure_hugepages()  # as benchmarks.compare starts the jfast side (JFAST_HUGEPAGES=0: without)
   common.pin_threads(2)
   common.print_and_save(run(args.config, args.steps), args.out)
 

@@ -53,6 +53,11 @@ def build_model(spec: RunSpec, num_labels: int):
   if spec.remat != "none":
     # Non-reentrant is what transformers recommends and what torch.compile can trace.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  if spec.row_sparse == "exact":
+    raise ValueError("PyTorch has no row-sparse form of AdamW's update; only row_sparse='lazy' (SparseAdam)")
+  if spec.row_sparse == "lazy":
+    # Sparse gradients for the word table, trained by SparseAdam (build_optimizer): jfast's lazy mode.
+    model.bert.embeddings.word_embeddings.sparse = True
   if spec.freeze_layers >= 0:
     if spec.freeze_layers > len(model.bert.encoder.layer):
       raise ValueError(f"freeze_layers={spec.freeze_layers}, but the model has {len(model.bert.encoder.layer)} layers")
@@ -69,8 +74,10 @@ def build_optimizer(spec: RunSpec, model, total_steps: int):
 
   # Same split as jfast's optimizer: no weight decay on biases, LayerNorm weights and embeddings.
   decay, no_decay = [], []
+  table = model.bert.embeddings.word_embeddings.weight
+  lazy = spec.row_sparse == "lazy"
   for name, p in model.named_parameters():
-    if p.requires_grad:
+    if p.requires_grad and not (lazy and p is table):
       (no_decay if name.endswith("bias") or "LayerNorm" in name or "embeddings" in name else decay).append(p)
   groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
   kwargs = {"lr": spec.lr, "betas": (0.9, 0.999), "eps": 1e-8}
@@ -80,8 +87,51 @@ def build_optimizer(spec: RunSpec, model, total_steps: int):
     opt = bnb.optim.AdamW8bit(groups, **kwargs)
   else:
     opt = torch.optim.AdamW(groups, **kwargs, fused=True)
-  sched = transformers.get_linear_schedule_with_warmup(opt, int(0.06 * total_steps), total_steps)
-  return opt, sched
+  if not lazy:
+    return opt, transformers.get_linear_schedule_with_warmup(opt, int(0.06 * total_steps), total_steps)
+  if spec.dtype == "float16":
+    raise ValueError("row_sparse='lazy' runs without a GradScaler here (bf16 or fp32 only)")
+  opts = [opt, torch.optim.SparseAdam([table], **kwargs)]
+  scheds = [transformers.get_linear_schedule_with_warmup(o, int(0.06 * total_steps), total_steps) for o in opts]
+  return _Together(opts), _Together(scheds)
+
+
+class _Together:
+  """Several optimizers (or schedulers) stepped as one: AdamW for the dense parameters, SparseAdam for the table."""
+
+  def __init__(self, parts):
+    self.parts = parts
+
+  def step(self):
+    for part in self.parts:
+      part.step()
+
+  def zero_grad(self, set_to_none: bool = True):
+    for part in self.parts:
+      part.zero_grad(set_to_none=set_to_none)
+
+
+def clip_grad_norm(params, max_norm: float) -> None:
+  """`torch.nn.utils.clip_grad_norm_`, which fails on sparse gradients ("linalg_vector_norm ... SparseCPU"), extended
+  to them: a sparse gradient is coalesced (repeated rows summed) and its values enter the global norm."""
+  import torch
+
+  grads = [p.grad for p in params if p.grad is not None]
+  if not any(g.is_sparse for g in grads):
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return
+  norms = []
+  for p in params:
+    if p.grad is not None and p.grad.is_sparse:
+      p.grad = p.grad.coalesce()
+      norms.append(torch.linalg.vector_norm(p.grad._values()))
+    elif p.grad is not None:
+      norms.append(torch.linalg.vector_norm(p.grad))
+  total = torch.linalg.vector_norm(torch.stack(norms))
+  scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s own formula
+  for p in params:
+    if p.grad is not None:
+      p.grad.mul_(scale)
 
 
 def _collator(spec: RunSpec):
@@ -171,7 +221,7 @@ def make_train_step(forward, opt, sched, scaler, params, device, amp_dtype):
       loss_sum += nll.detach()
       correct += (logits.argmax(-1) == labels).sum()
     scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clip_grad_norm(params, 1.0)
     scaler.step(opt)
     scaler.update()
     sched.step()

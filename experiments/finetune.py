@@ -26,6 +26,7 @@ from jfast.freezing import freeze_mask
 from jfast.hugepages import ensure_hugepages
 from jfast.loop import LoopConfig, evaluate, fit
 from jfast.models import init_classifier, load_hf_bert, save_hf_bert
+from jfast.optimizer import ROW_SPARSE_MODES
 from jfast.precision import get_policy
 from jfast.quant import quantize
 from jfast.remat import remat_policy
@@ -65,8 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup-ratio", type=float, default=0.06)
   p.add_argument(
     "--row-sparse-embeddings",
-    action="store_true",
-    help="train the word table from each batch's rows (jfast.row_sparse: the same AdamW, faster on CPU)",
+    default="off",
+    choices=ROW_SPARSE_MODES,
+    help="train the word table from each batch's rows (jfast.row_sparse; exact: the same AdamW, faster on CPU; "
+    "lazy: only those rows move, as torch.optim.SparseAdam)",
   )
   p.add_argument(
     "--precision",
@@ -126,7 +129,7 @@ def main(argv=None) -> dict:
   # Before anything touches a device: a multi-host run must join its peers first (no-op on one host).
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   if args.distill_from:
-    if args.row_sparse_embeddings:
+    if args.row_sparse_embeddings != "off":
       raise SystemExit("--row-sparse-embeddings is not supported with --distill-from: the distillation step is dense")
     from experiments.distill import run_distill_finetune
 
@@ -199,7 +202,7 @@ def main(argv=None) -> dict:
     mesh=mesh_from_string(args.mesh),
     micro_batches=args.micro_batches,
     freeze_mask=freeze_mask(params, bottom_layers=args.freeze_layers) if args.freeze_layers else None,
-    row_sparse=args.row_sparse_embeddings,
+    row_sparse=args.row_sparse_embeddings != "off",
   )
   wall = time.perf_counter() - t_start
   final = result.evals[-1]

@@ -64,7 +64,7 @@ class OptimizerSection:
   learning_rate: float = 1e-4
   weight_decay: float = 0.01
   warmup_ratio: float = 0.06
-  row_sparse_embeddings: bool = False  # the word table trains from each batch's rows (jfast.row_sparse)
+  row_sparse_embeddings: str = "off"  # off | exact | lazy: the word table trains from each batch's rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from jfast.precision import Policy, get_policy, mixed_dot_general
 from jfast.pruning import PruningSchedule, gradual_pruning, keep_pruned, magnitude_mask, shrink
 from jfast.quant import QuantDense, calibrate, load_quantized, quantize, save_quantized
 from jfast.remat import REMAT_POLICIES, remat_policy
+from jfast.row_sparse import RowSparseEmbedding, row_sparse_adamw, row_sparse_embedding
 from jfast.sharding import ShardingRules, make_mesh, shard_batch, tree_shardings
 from jfast.train import (
   CompiledStep,
@@ -60,6 +61,7 @@ __all__ = [
   "Policy",
   "PruningSchedule",
   "QuantDense",
+  "RowSparseEmbedding",
   "ShardingRules",
   "StaticLossScale",
   "TeacherBatch",
@@ -95,6 +97,8 @@ __all__ = [
   "quantize",
   "remat_policy",
   "resolve_loss_scale",
+  "row_sparse_adamw",
+  "row_sparse_embedding",
   "save_hf_bert",
   "save_hf_gpt2",
   "save_quantized",

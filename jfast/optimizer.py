@@ -12,6 +12,7 @@ from jfast.optim import adamw_8bit
 from jfast.row_sparse import row_sparse_adamw, word_table_mask
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
+ROW_SPARSE_MODES = ("off", "exact", "lazy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +22,10 @@ class OptimizerConfig:
   ``name`` picks the AdamW: ``adamw`` (optax, float32 moments) or ``adamw_8bit`` (`jfast.optim.adamw_8bit`:
   blockwise 8-bit moments, ``block_size`` and ``min_8bit_size`` as there).
 
-  ``row_sparse_embeddings`` trains the word table with `jfast.row_sparse.row_sparse_adamw` (the same AdamW, fed
-  the batch's rows only); the step must then be built with ``make_train_step(..., row_sparse=...)``. The table's
-  moments are then float32 (its parameter dtype) even under ``adamw_8bit``.
+  ``row_sparse_embeddings`` (`ROW_SPARSE_MODES`) trains the word table with `jfast.row_sparse.row_sparse_adamw`:
+  ``exact`` is the same AdamW fed the batch's rows only, ``lazy`` updates only those rows (``torch.optim.SparseAdam``'s
+  optimizer, a different one). The step must then be built with ``make_train_step(..., row_sparse=...)``. The
+  table's moments are float32 (its parameter dtype) even under ``adamw_8bit``.
   """
 
   learning_rate: float = 5e-5
@@ -36,7 +38,7 @@ class OptimizerConfig:
   name: str = "adamw"
   block_size: int = 256
   min_8bit_size: int = 4096
-  row_sparse_embeddings: bool = False
+  row_sparse_embeddings: str = "off"
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -45,6 +47,10 @@ class OptimizerConfig:
       raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
     if not 0 <= self.warmup_ratio < 1:
       raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+    if self.row_sparse_embeddings not in ROW_SPARSE_MODES:
+      raise ValueError(
+        f"unknown row_sparse_embeddings {self.row_sparse_embeddings!r}; expected one of {ROW_SPARSE_MODES}"
+      )
     if not self.max_grad_norm > 0:
       raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
 
@@ -105,9 +111,10 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     adam = optax.adamw(
       schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
     )
-  if config.row_sparse_embeddings:
+  if config.row_sparse_embeddings != "off":
     # Embedding tables take no weight decay (decay_mask), so neither does the row-sparse table.
-    table = row_sparse_adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps)
+    lazy = config.row_sparse_embeddings == "lazy"
+    table = row_sparse_adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, lazy=lazy)
     rest_mask = lambda params: jax.tree.map(lambda t: not t, word_table_mask(params))  # noqa: E731
     adam = optax.chain(optax.masked(adam, rest_mask), optax.masked(table, word_table_mask))
   return optax.chain(clip_by_global_norm(config.max_grad_norm), adam)

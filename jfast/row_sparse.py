@@ -15,7 +15,7 @@ Clipping sees the same global norm, since rows no token touches contribute zeros
 
 No library does this for JAX: optax has no sparse-gradient type, and flax's `nn.Embed` differentiates densely.
 
-    tx = make_optimizer(OptimizerConfig(row_sparse_embeddings=True), total_steps)
+    tx = make_optimizer(OptimizerConfig(row_sparse_embeddings="exact"), total_steps)
     step = make_train_step(classification_loss(model), row_sparse=row_sparse_embedding(model))
 
 Tied tables (a decoder's output layer reusing its input embedding) have dense gradients and are refused.
@@ -111,9 +111,30 @@ def word_table_mask(params) -> Any:
   if found != 1:
     raise ValueError(
       f"row-sparse embeddings need exactly one trainable parameter at .../{'/'.join(WORD_TABLE)}, found {found}: "
-      "turn row_sparse_embeddings off when the word table is frozen or the model has none"
+      "set row_sparse_embeddings='off' when the word table is frozen or the model has none"
     )
   return mask
+
+
+class RowUpdate(NamedTuple):
+  """An update for some rows of a table only: add ``values[i]`` to row ``rows[i]`` (out-of-range ids dropped).
+
+  What the lazy `row_sparse_adamw` returns for its table; `apply_updates` applies it in place.
+  """
+
+  rows: jax.Array
+  values: jax.Array
+
+
+def apply_updates(params, updates):
+  """`optax.apply_updates`, with `RowUpdate` leaves scattered into their tables instead of added whole."""
+
+  def apply(p, u):
+    if isinstance(u, RowUpdate):
+      return p.at[u.rows].add(u.values.astype(p.dtype), mode="drop")
+    return jnp.asarray(p + u).astype(p.dtype)
+
+  return jax.tree.map(apply, params, updates, is_leaf=lambda x: isinstance(x, RowUpdate))
 
 
 class RowSparseAdamState(NamedTuple):
@@ -130,22 +151,29 @@ def row_sparse_adamw(
   b2: float = 0.999,
   eps: float = 1e-8,
   weight_decay: float = 0.0,
+  lazy: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW (as `optax.adamw`) whose gradients arrive as compact rows, with their row ids as the ``rows`` argument.
 
   ``update(grads, state, params, rows=rows)``: each gradient leaf is ``[T, D]``, row ``i`` holding the gradient
   of table row ``rows[i]`` (ids out of range, the fill of `compact_rows`, are dropped); the moments are
-  table-shaped and the returned updates are table-shaped, so `optax.apply_updates` applies them as usual. Rows
-  absent from ``rows`` had zero gradient: their moments decay and they still move, exactly as in dense AdamW.
+  table-shaped. Rows absent from ``rows`` had zero gradient: their moments decay and they still move, exactly as in
+  dense AdamW, so the returned updates are table-shaped and `optax.apply_updates` applies them as usual.
+
+  ``lazy=True`` is a different optimizer, the "lazy" Adam of ``torch.optim.SparseAdam`` and TensorFlow's
+  ``LazyAdam``: only the batch's rows update their moments and move (bias correction by the global step count), so
+  the whole step touches ``T`` rows, not the table. Its updates are `RowUpdate` leaves: apply them with
+  `jfast.row_sparse.apply_updates` (the train step does).
 
   Args:
     learning_rate: a float or an optax schedule (read at the count before this update, as optax does).
     b1, b2, eps: Adam's constants.
-    weight_decay: decoupled decay, applied to every row.
+    weight_decay: decoupled decay, applied to every row (lazy: to the batch's rows).
+    lazy: update only the batch's rows (see above).
 
   Returns:
     An optax `GradientTransformationExtraArgs` with a `RowSparseAdamState`. Use it through `optax.masked` on the
-    table only (`jfast.optimizer.make_optimizer` does, with ``row_sparse_embeddings=True``).
+    table only (`jfast.optimizer.make_optimizer` does, with ``row_sparse_embeddings="exact"``).
 
   Example:
     >>> tx = row_sparse_adamw(1e-3)
@@ -173,31 +201,35 @@ def row_sparse_adamw(
     count = optax.safe_increment(state.count)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
 
-    def moments(g, mu, nu):
+    c1 = 1 - b1 ** count.astype(jnp.float32)
+    c2 = 1 - b2 ** count.astype(jnp.float32)
+
+    def adam(m, v, p):
+      u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+      if weight_decay:
+        u = u + weight_decay * p.astype(m.dtype)
+      return (-lr * u).astype(m.dtype)
+
+    def leaf(g, mu, nu, p):
       if g.ndim != mu.ndim or g.shape[1:] != mu.shape[1:] or g.shape[0] != rows.shape[0]:
         raise ValueError(
           f"row_sparse_adamw got a gradient of shape {g.shape} for a table of shape {mu.shape} and {rows.shape[0]} "
           "row ids: expected one gradient row per id"
         )
       g = g.astype(mu.dtype)
+      if lazy:
+        m_rows = b1 * gather_rows(mu, rows) + (1 - b1) * g
+        v_rows = b2 * gather_rows(nu, rows) + (1 - b2) * g * g
+        update = RowUpdate(rows, adam(m_rows, v_rows, gather_rows(p, rows) if weight_decay else m_rows))
+        return update, mu.at[rows].set(m_rows, mode="drop"), nu.at[rows].set(v_rows, mode="drop")
       mu = (b1 * mu).at[rows].add((1 - b1) * g, mode="drop")
       nu = (b2 * nu).at[rows].add((1 - b2) * g * g, mode="drop")
-      return mu, nu
+      return adam(mu, nu, p if weight_decay else mu), mu, nu
 
-    new = jax.tree.map(moments, updates, state.mu, state.nu)
-    mu = jax.tree.map(lambda _, m: m[0], updates, new)
-    nu = jax.tree.map(lambda _, m: m[1], updates, new)
-    c1 = 1 - b1 ** count.astype(jnp.float32)
-    c2 = 1 - b2 ** count.astype(jnp.float32)
-
-    def step(m, v, p):
-      u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
-      if weight_decay:
-        u = u + weight_decay * p
-      return (-lr * u).astype(m.dtype)
-
-    out = jax.tree.map(step, mu, nu, params if params is not None else mu)
-    return out, RowSparseAdamState(count=count, mu=mu, nu=nu)
+    ps = params if params is not None else state.mu
+    new = jax.tree.map(leaf, updates, state.mu, state.nu, ps)
+    pick = lambda i: jax.tree.map(lambda _, n: n[i], updates, new)  # noqa: E731
+    return pick(0), RowSparseAdamState(count=count, mu=pick(1), nu=pick(2))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -237,6 +269,8 @@ __all__ = [
   "WORD_TABLE",
   "RowSparseAdamState",
   "RowSparseEmbedding",
+  "RowUpdate",
+  "apply_updates",
   "compact_params_and_batch",
   "compact_rows",
   "find_row_sparse_state",

@@ -27,7 +27,7 @@ from jfast.data.batch import Batch
 from jfast.loss_scale import LossScale, NoOpLossScale, all_finite, resolve_loss_scale
 from jfast.optimizer import OPTIMIZERS, OptimizerConfig, make_optimizer
 from jfast.precision import Policy, get_policy
-from jfast.row_sparse import RowSparseEmbedding, compact_params_and_batch, find_row_sparse_state
+from jfast.row_sparse import RowSparseEmbedding, apply_updates, compact_params_and_batch, find_row_sparse_state
 from jfast.sharding import ShardingRules
 
 # The optimizer lives in `jfast.optimizer`; re-exported so one import builds a state and its step.
@@ -236,7 +236,7 @@ def _train_step(
   if find_row_sparse_state(state.opt_state) != (rows_spec is not None):
     raise ValueError(
       "the optimizer and the step disagree about row-sparse embeddings: build both or neither, "
-      "make_optimizer(OptimizerConfig(row_sparse_embeddings=True), ...) with make_train_step(..., row_sparse=...)"
+      "make_optimizer(OptimizerConfig(row_sparse_embeddings='exact'), ...) with make_train_step(..., row_sparse=...)"
     )
   if rows_spec is not None:
     # The table becomes the batch's rows and the batch indexes into them (`jfast.row_sparse`).
@@ -248,7 +248,8 @@ def _train_step(
     if not extra_args:
       return st.apply_gradients(grads=grads)
     updates, opt_state = st.tx.update(grads, st.opt_state, st.params, **extra_args)
-    return st.replace(step=st.step + 1, params=optax.apply_updates(st.params, updates), opt_state=opt_state)
+    # The lazy table update is rows only (`RowUpdate`), scattered in place.
+    return st.replace(step=st.step + 1, params=apply_updates(st.params, updates), opt_state=opt_state)
 
   def scaled_loss_fn(params, batch, rng, deterministic):
     if freeze_mask is not None:
@@ -357,8 +358,8 @@ def make_train_step(
     compiler_options: XLA options for this step's compilation, e.g. `jfast.remat.compiler_options(policy)`, which
       remat needs on CPU to save any memory.
     row_sparse: from `jfast.row_sparse.row_sparse_embedding(model)`: the word table's gradient is taken for the
-      batch's rows only, and the optimizer (``OptimizerConfig(row_sparse_embeddings=True)``) scatters it into its
-      moments; the same AdamW update without a table-sized gradient. ``loss_fn`` is then unused: the spec's
+      batch's rows only, and the optimizer (``OptimizerConfig(row_sparse_embeddings="exact")``) scatters it into
+      its moments: the same AdamW update without a table-sized gradient (``"lazy"``: SparseAdam's update). ``loss_fn`` is then unused: the spec's
       ``make_loss`` builds the loss of the model with a compact table.
 
   Returns:

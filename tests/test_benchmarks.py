@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -243,8 +244,6 @@ def test_embedding_update_forms_compute_the_same_moment():
 
 def test_row_sparse_config_trains_like_the_dense_one(data_dir):
   # The packed_bf16_rowsparse row must train what packed_bf16 trains, or its timing means nothing.
-  import dataclasses
-
   import jax
 
   from benchmarks import jax_runner, sparse_embedding_step
@@ -256,9 +255,41 @@ def test_row_sparse_config_trains_like_the_dense_one(data_dir):
   model, params = jax_runner.build_model(spec, num_labels=2)
   copy = lambda: jax.tree.map(lambda x: x.copy(), params)  # noqa: E731
   dense_state, dense_step = jax_runner.build_step(spec, model, copy(), 6)
-  sparse_state, sparse_step = jax_runner.build_step(dataclasses.replace(spec, row_sparse=True), model, copy(), 6)
+  sparse_state, sparse_step = jax_runner.build_step(dataclasses.replace(spec, row_sparse="exact"), model, copy(), 6)
   assert find_row_sparse_state(sparse_state.opt_state) and not find_row_sparse_state(dense_state.opt_state)
   _, _, diff, moved = sparse_embedding_step.check_same_training(
     dense_step, dense_state, sparse_step, sparse_state, batches, params
   )
   assert moved > 1e-5 and diff < 1e-3 * moved
+
+
+def test_torch_lazy_side_clips_like_clip_grad_norm_and_steps_like_sparse_adam():
+  # The PyTorch form of jfast's lazy row-sparse mode: a sparse table gradient, clipped over the same global norm as
+  # torch's own clip_grad_norm_ gives the dense gradient, then SparseAdam for the table and AdamW for the rest.
+  torch = pytest.importorskip("torch")
+  from benchmarks import torch_runner
+
+  def model_and_grads(sparse):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(500, 16, sparse=sparse)
+    head = torch.nn.Linear(16, 3)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 500, (8, 20)))  # repeated ids: coalescing matters
+    loss = (head(emb(ids)).sin() * 40).sum()
+    loss.backward()
+    return [emb.weight, head.weight, head.bias]
+
+  dense, sparse = model_and_grads(False), model_and_grads(True)
+  assert sparse[0].grad.is_sparse
+  norm = float(torch.nn.utils.clip_grad_norm_(dense, 1.0))
+  assert norm > 1.0  # the clip is active
+  torch_runner.clip_grad_norm(sparse, 1.0)
+  for d, s in zip(dense, sparse, strict=True):
+    np.testing.assert_allclose(s.grad.to_dense().numpy(), d.grad.numpy(), rtol=1e-5, atol=1e-7)
+  spec = RunSpec(side="torch", config="grouped_bf16_lazyemb", model="tiny", dtype="bfloat16", row_sparse="lazy")
+  model = torch_runner.build_model(spec, num_labels=2)
+  assert model.bert.embeddings.word_embeddings.sparse
+  opt, sched = torch_runner.build_optimizer(spec, model, total_steps=10)
+  kinds = sorted(type(o).__name__ for o in opt.parts)
+  assert kinds == ["AdamW", "SparseAdam"] and len(sched.parts) == 2
+  with pytest.raises(ValueError, match="no row-sparse form"):
+    torch_runner.build_model(dataclasses.replace(spec, row_sparse="exact"), num_labels=2)

@@ -14,7 +14,14 @@ from jfast import freezing
 from jfast.data import BatchingConfig, load_text_classification, make_batches, tokenize
 from jfast.models import BertModel, init_classifier, load_hf_bert
 from jfast.models.gpt import GPT, GPTConfig
-from jfast.row_sparse import compact_rows, row_sparse_adamw, row_sparse_embedding, word_table_mask
+from jfast.row_sparse import (
+  RowUpdate,
+  apply_updates,
+  compact_rows,
+  row_sparse_adamw,
+  row_sparse_embedding,
+  word_table_mask,
+)
 from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
 
 WORD = ("bert", "embeddings", "word_embeddings", "embedding")
@@ -56,15 +63,29 @@ def _dense_adamw64(table, grads_by_step, lr, b1, b2, eps, wd):
   return p
 
 
+def _sparse_adam64(table, grads_by_step, lr, b1, b2, eps, wd):
+  """torch.optim.SparseAdam's rule (plus decoupled decay), in float64: only the step's rows change."""
+  p = table.astype(np.float64)
+  mu, nu = np.zeros_like(p), np.zeros_like(p)
+  for t, (rows, g) in enumerate(grads_by_step, start=1):
+    mu[rows] = b1 * mu[rows] + (1 - b1) * g
+    nu[rows] = b2 * nu[rows] + (1 - b2) * g * g
+    update = (mu[rows] / (1 - b1**t)) / (np.sqrt(nu[rows] / (1 - b2**t)) + eps) + wd * p[rows]
+    p[rows] -= lr(t - 1) * update
+  return p
+
+
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_row_sparse_adamw_is_dense_adamw_in_float64(wd):
+def test_row_sparse_adamw_against_float64(wd, lazy):
+  """Exact: dense AdamW on the scattered gradient. Lazy: SparseAdam's rule, which is not AdamW."""
   rng = np.random.default_rng(1)
   vocab, dim = 3000, 64
   table = (0.05 * rng.standard_normal((vocab, dim))).astype(np.float32)
   schedule = optax.linear_schedule(1e-3, 1e-4, 10)
-  tx = row_sparse_adamw(schedule, weight_decay=wd)
+  tx = row_sparse_adamw(schedule, weight_decay=wd, lazy=lazy)
   state, params = tx.init(jnp.asarray(table)), jnp.asarray(table)
-  steps = []
+  steps, seen = [], np.zeros(vocab, bool)
   for _ in range(6):
     # Different rows each step, overlapping, padded with the out-of-range fill as compact_rows pads.
     distinct = np.sort(rng.choice(vocab, 300, replace=False))
@@ -72,11 +93,18 @@ def test_row_sparse_adamw_is_dense_adamw_in_float64(wd):
     g = (rng.standard_normal((340, dim)) * np.logspace(-4, -1, 340)[:, None]).astype(np.float32)
     g[300:] = 0.0
     steps.append((distinct, g[:300].astype(np.float64)))
+    seen[distinct] = True
     updates, state = tx.update(jnp.asarray(g), state, params, rows=jnp.asarray(rows))
-    params = optax.apply_updates(params, updates)
-  want = _dense_adamw64(table, steps, lambda t: float(schedule(t)), 0.9, 0.999, 1e-8, wd)
-  np.testing.assert_allclose(np.asarray(params), want, rtol=0, atol=2e-6)
-  assert np.abs(want - table).max() > 1e-3  # the rows did move
+    assert isinstance(updates, RowUpdate) == lazy
+    params = apply_updates(params, updates) if lazy else optax.apply_updates(params, updates)
+  lr = lambda t: float(schedule(t))  # noqa: E731
+  dense = _dense_adamw64(table, steps, lr, 0.9, 0.999, 1e-8, wd)
+  sparse = _sparse_adam64(table, steps, lr, 0.9, 0.999, 1e-8, wd)
+  np.testing.assert_allclose(np.asarray(params), sparse if lazy else dense, rtol=0, atol=2e-6)
+  assert np.abs(dense - table).max() > 1e-3  # the rows did move
+  assert np.abs(dense - sparse)[seen].max() > 1e-4  # and the two rules differ: a wrong mode cannot pass
+  if lazy or not wd:  # never-seen rows have zero moments; only AdamW's decay would move them
+    np.testing.assert_array_equal(np.asarray(params)[~seen], table[~seen])
 
 
 def test_row_sparse_adamw_bad_inputs():
@@ -160,7 +188,7 @@ def test_step_trains_the_dense_steps_parameters_on_minilm(minilm, sst2_ids, stra
   opt = OptimizerConfig(learning_rate=1e-3)  # clipping active: MiniLM's first gradients have norm > 1
   dense, dense_losses = _train(model, params, batches, opt, row_sparse=False)
   sparse, sparse_losses = _train(
-    model, params, batches, dataclasses.replace(opt, row_sparse_embeddings=True), row_sparse=True
+    model, params, batches, dataclasses.replace(opt, row_sparse_embeddings="exact"), row_sparse=True
   )
   np.testing.assert_allclose(sparse_losses, dense_losses, rtol=1e-4)
   _close(dense.params, sparse.params, params)
@@ -201,7 +229,7 @@ def test_composes_with_the_other_step_options(small_minilm, sst2_ids, case):
   opt = OptimizerConfig(learning_rate=1e-3)
   dense, dense_losses = _train(model, params, batches, opt, row_sparse=False, **kwargs)
   sparse, sparse_losses = _train(
-    model, params, batches, dataclasses.replace(opt, row_sparse_embeddings=True), row_sparse=True, **kwargs
+    model, params, batches, dataclasses.replace(opt, row_sparse_embeddings="exact"), row_sparse=True, **kwargs
   )
   low = case == "pure_bf16"
   np.testing.assert_allclose(sparse_losses, dense_losses, rtol=2e-2 if low else 1e-3)
@@ -215,10 +243,28 @@ def test_composes_with_the_other_step_options(small_minilm, sst2_ids, case):
     )
 
 
+def test_lazy_step_moves_only_the_batchs_rows(small_minilm, sst2_ids):
+  model, params = small_minilm
+  batches = _batches(sst2_ids, "bucket", n=2, num_buckets=4)
+  opt = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0)  # the first step moves
+  lazy, _ = _train(model, params, batches[:1], dataclasses.replace(opt, row_sparse_embeddings="lazy"), row_sparse=True)
+  dense, _ = _train(model, params, batches[:1], opt, row_sparse=False)
+  # Step one: every moment starts at zero, so lazy Adam is AdamW.
+  _close(dense.params, lazy.params, params)
+  lazy2, _ = _train(model, params, batches, dataclasses.replace(opt, row_sparse_embeddings="lazy"), row_sparse=True)
+  first, second = (np.unique(np.asarray(b.input_ids)) for b in batches)
+  only_first = np.setdiff1d(first, second)
+  assert only_first.size > 10
+  np.testing.assert_array_equal(
+    np.asarray(_get(lazy2.params))[only_first], np.asarray(_get(lazy.params))[only_first]
+  )  # AdamW would have moved them again
+  assert np.abs(np.asarray(_get(lazy2.params))[second] - np.asarray(_get(lazy.params))[second]).max() > 1e-4
+
+
 def test_adamw_8bit_keeps_the_table_float32(small_minilm, sst2_ids):
   model, params = small_minilm
   batches = _batches(sst2_ids, "bucket", n=1, num_buckets=4)
-  opt8 = OptimizerConfig(learning_rate=1e-3, name="adamw_8bit", row_sparse_embeddings=True)
+  opt8 = OptimizerConfig(learning_rate=1e-3, name="adamw_8bit", row_sparse_embeddings="exact")
   sparse8, _ = _train(model, params, batches, opt8, row_sparse=True)
   dense8, _ = _train(model, params, batches, OptimizerConfig(learning_rate=1e-3, name="adamw_8bit"), row_sparse=False)
   dense32, _ = _train(model, params, batches, OptimizerConfig(learning_rate=1e-3), row_sparse=False)
@@ -232,7 +278,7 @@ def test_adamw_8bit_keeps_the_table_float32(small_minilm, sst2_ids):
 def test_mismatched_halves_and_bad_models_fail_clearly(small_minilm, sst2_ids):
   model, params = small_minilm
   batch = _batches(sst2_ids, "bucket", n=1, num_buckets=4)[0]
-  sparse_tx = make_optimizer(OptimizerConfig(row_sparse_embeddings=True), 10)
+  sparse_tx = make_optimizer(OptimizerConfig(row_sparse_embeddings="exact"), 10)
   dense_tx = make_optimizer(OptimizerConfig(), 10)
   spec = row_sparse_embedding(model)
   with pytest.raises(ValueError, match="disagree about row-sparse"):
@@ -252,5 +298,7 @@ def test_mismatched_halves_and_bad_models_fail_clearly(small_minilm, sst2_ids):
   with pytest.raises(ValueError, match="tied"):
     row_sparse_embedding(gpt)
   assert row_sparse_embedding(BertModel(model.config)).path == ("embeddings", "word_embeddings", "embedding")
+  with pytest.raises(ValueError, match="row_sparse_embeddings"):
+    OptimizerConfig(row_sparse_embeddings="sparse")
   with pytest.raises(ValueError, match="exactly one trainable parameter"):
     word_table_mask({"dense": {"kernel": jnp.ones((4, 4))}})
