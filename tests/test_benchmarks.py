@@ -293,3 +293,19 @@ def test_torch_lazy_side_clips_like_clip_grad_norm_and_steps_like_sparse_adam():
   assert kinds == ["AdamW", "SparseAdam"] and len(sched.parts) == 2
   with pytest.raises(ValueError, match="no row-sparse form"):
     torch_runner.build_model(dataclasses.replace(spec, row_sparse="exact"), num_labels=2)
+
+
+def test_weight_cast_forms_give_the_same_bf16_values():
+  import jax
+
+  from benchmarks import weight_cast
+
+  rng = np.random.default_rng(3)
+  tree = {"a": rng.standard_normal((384, 1536)).astype(np.float32), "b": {"c": rng.standard_normal(384) * 1e-3}}
+  tree = jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+  flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  forms = weight_cast.cast_forms()
+  by_leaf = np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(forms["leaf by leaf"](tree))])
+  at_once = np.asarray(forms["one flat buffer"](flat), np.float32)
+  np.testing.assert_array_equal(by_leaf, at_once)
+  assert np.abs(at_once - flat).max() > 0  # bf16 rounds: the cast happened
