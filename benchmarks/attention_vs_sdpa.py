@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -74,13 +73,7 @@ def measure(reps: int, warmup: int) -> list[dict]:
     arrays = _inputs(batch, length, heads, depth, pad)
     for dtype in ("float32", "bfloat16"):
       calls = {"jfast": _jax_call(arrays, causal, dtype), "pytorch": _torch_call(arrays, causal, dtype)}
-      times = {side: [] for side in calls}
-      for i in range(warmup + reps):
-        for side, call in calls.items():
-          start = time.perf_counter()
-          call()
-          if i >= warmup:
-            times[side].append(time.perf_counter() - start)
+      times = common.time_alternated(calls, reps, warmup)
       medians = {side: statistics.median(t) for side, t in times.items()}
       rows.append({"shape": name, "dtype": dtype, **{f"{s}_ms": m * 1e3 for s, m in medians.items()}})
   return rows

@@ -9,8 +9,10 @@ import os
 import resource
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def pin_threads(threads: int) -> None:
@@ -119,6 +121,22 @@ def print_and_save(text: str, out: str | None) -> None:
   if out:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text + "\n")
+
+
+def time_alternated(calls: Mapping[str, Callable[[], Any]], steps: int, warmup: int = 3) -> dict[str, list[float]]:
+  """Runs each zero-argument call in turn, ``warmup + steps`` rounds, and returns each one's last ``steps`` times.
+
+  Alternating call by call makes drift of a shared machine hit every variant alike. A call must block until its
+  work is done (``jax.block_until_ready``) and carry its own state (e.g. a donated train state) between rounds.
+  """
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for i in range(warmup + steps):
+    for name, call in calls.items():
+      t0 = time.perf_counter()
+      call()
+      if i >= warmup:
+        times[name].append(time.perf_counter() - t0)
+  return times
 
 
 def median_table(title: str, what: str, times: Mapping[str, Sequence[float]], base: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,6 +39,19 @@ def check_same_training(dense, dense_state, sparse, sparse_state, batches, param
   if not (moved > 0 and diff <= 1e-2 * moved):
     raise AssertionError(f"row-sparse step diverges from jfast's: max |diff| {diff:.3g}, max move {moved:.3g}")
   return dense_state, sparse_state, diff, moved
+
+
+def _stepper(run_: list, batches) -> Callable[[], None]:
+  """A zero-argument call that runs ``run_ = [step, state]`` on the next of ``batches`` (its own counter)."""
+  import jax
+
+  count = iter(range(10**9))
+
+  def once():
+    run_[1], metrics = run_[0](run_[1], batches[next(count) % len(batches)])
+    jax.block_until_ready((run_[1], metrics))
+
+  return once
 
 
 def run(config: str, steps: int, check_steps: int = 8) -> str:
@@ -70,15 +83,7 @@ def run(config: str, steps: int, check_steps: int = 8) -> str:
     "row-sparse word table (exact)": [sparse, sparse_state],
     "row-sparse word table (lazy)": [lazy, lazy_state],
   }
-  times = {name: [] for name in runs}
-  for i in range(3 + steps):
-    batch = batches[i % len(batches)]
-    for name, run_ in runs.items():
-      t0 = time.perf_counter()
-      run_[1], m = run_[0](run_[1], batch)
-      jax.block_until_ready((run_[1], m))
-      if i >= 3:
-        times[name].append(time.perf_counter() - t0)
+  times = common.time_alternated({name: _stepper(run_, batches) for name, run_ in runs.items()}, steps)
   title = (
     f"`{config}` step, batches {'x'.join(map(str, batches[0].input_ids.shape))}; after {check_steps} steps the"
     f" parameters agree to {diff:.2g} (largest move {moved:.2g}); {steps} alternated steps each."

@@ -13,7 +13,6 @@ the forward casts.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -47,15 +46,10 @@ def run(steps: int) -> str:
   flat = jax.device_put(np.concatenate([np.ravel(x) for x in jax.tree.leaves(weights)]))
   forms = cast_forms()
   inputs = {"leaf by leaf": weights, "one flat buffer": flat}
-  times = {name: [] for name in forms}
   for name, fn in forms.items():
     jax.block_until_ready(fn(inputs[name]))
-  for i in range(3 + steps):
-    for name, fn in forms.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(inputs[name]))
-      if i >= 3:
-        times[name].append(time.perf_counter() - t0)
+  calls = {name: (lambda fn=fn, x=inputs[name]: jax.block_until_ready(fn(x))) for name, fn in forms.items()}
+  times = common.time_alternated(calls, steps)
   title = (
     f"MiniLM encoder weights, {flat.size / 1e6:.1f}M float32 values in {len(jax.tree.leaves(weights))} leaves, "
     f"cast to bf16; {steps} alternated calls each."
