@@ -28,6 +28,15 @@ def pin_threads(threads: int) -> None:
     os.environ[var] = str(threads)
 
 
+def start_jfast_script(threads: int = 2) -> None:
+  """A one-process jfast timing script's start: glibc huge pages as `benchmarks.compare` gives the jfast side
+  (`jfast.hugepages`; the process re-executes itself once; ``JFAST_HUGEPAGES=0``: without), then `pin_threads`."""
+  from jfast.hugepages import ensure_hugepages
+
+  ensure_hugepages()
+  pin_threads(threads)
+
+
 def rss_mb() -> float:
   """Resident memory of this process now, in MiB."""
   with open("/proc/self/statm") as f:

@@ -97,10 +97,7 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=40)
   p.add_argument("--out", default=None, help="also write the markdown here")
   args = p.parse_args(argv)
-  from jfast.hugepages import ensure_hugepages
-
-  ensure_hugepages()  # as benchmarks.compare starts the jfast side (JFAST_HUGEPAGES=0: without)
-  common.pin_threads(2)
+  common.start_jfast_script()
   common.print_and_save(run(args.config, args.steps), args.out)
 
 

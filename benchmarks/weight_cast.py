@@ -46,8 +46,6 @@ def run(steps: int) -> str:
   flat = jax.device_put(np.concatenate([np.ravel(x) for x in jax.tree.leaves(weights)]))
   forms = cast_forms()
   inputs = {"leaf by leaf": weights, "one flat buffer": flat}
-  for name, fn in forms.items():
-    jax.block_until_ready(fn(inputs[name]))
   calls = {name: (lambda fn=fn, x=inputs[name]: jax.block_until_ready(fn(x))) for name, fn in forms.items()}
   times = common.time_alternated(calls, steps)
   title = (
@@ -62,10 +60,7 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--out", default=None, help="also write the markdown here")
   args = p.parse_args(argv)
-  from jfast.hugepages import ensure_hugepages
-
-  ensure_hugepages()  # as benchmarks.compare starts the jfast side
-  common.pin_threads(2)
+  common.start_jfast_script()
   common.print_and_save(run(args.steps), args.out)
 
 

@@ -147,7 +147,7 @@ def fit(
       the same number of steps (`jfast.distributed.equalize_batches`). None: one device.
     rules: `jfast.sharding.ShardingRules` (default: the library's table).
     row_sparse: train the word table from the batch's rows (`jfast.row_sparse`); ``tx_factory`` must build its
-      optimizer with ``OptimizerConfig(row_sparse_embeddings="exact")``.
+      optimizer with ``OptimizerConfig(row_sparse_embeddings="exact")`` (or ``"lazy"``).
 
   Returns:
     A `FitResult`.

@@ -236,7 +236,8 @@ def _train_step(
   if find_row_sparse_state(state.opt_state) != (rows_spec is not None):
     raise ValueError(
       "the optimizer and the step disagree about row-sparse embeddings: build both or neither, "
-      "make_optimizer(OptimizerConfig(row_sparse_embeddings='exact'), ...) with make_train_step(..., row_sparse=...)"
+      "make_optimizer(OptimizerConfig(row_sparse_embeddings='exact' or 'lazy'), ...) with "
+      "make_train_step(..., row_sparse=row_sparse_embedding(model))"
     )
   if rows_spec is not None:
     # The table becomes the batch's rows and the batch indexes into them (`jfast.row_sparse`).
@@ -359,8 +360,8 @@ def make_train_step(
       remat needs on CPU to save any memory.
     row_sparse: from `jfast.row_sparse.row_sparse_embedding(model)`: the word table's gradient is taken for the
       batch's rows only, and the optimizer (``OptimizerConfig(row_sparse_embeddings="exact")``) scatters it into
-      its moments: the same AdamW update without a table-sized gradient (``"lazy"``: SparseAdam's update). ``loss_fn`` is then unused: the spec's
-      ``make_loss`` builds the loss of the model with a compact table.
+      its moments: the same AdamW update without a table-sized gradient (``"lazy"``: SparseAdam's update instead).
+      ``loss_fn`` is then unused: the spec's ``make_loss`` builds the loss of the model with a compact table.
 
   Returns:
     A `CompiledStep`; ``step.num_compiles`` counts XLA compilations.
