@@ -138,11 +138,16 @@ def _pair(row: dict, key: str, fmt: str) -> tuple[str, str]:
   return out[0], out[1]
 
 
-def _hugepages_note(which: str | None) -> str:
-  if not which:
-    return ""
-  sides = {"jax": "the jfast side", "torch": "the PyTorch side", "both": "both sides", "none": "neither side"}[which]
-  return f" glibc huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, jfast.hugepages): {sides}."
+_SIDES = {"jax": "the jfast side", "torch": "the PyTorch side", "both": "both sides", "none": "neither side"}
+
+
+def _hugepages_note(which: str | None, retain: str | None = None) -> str:
+  note = (
+    f" glibc huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, jfast.hugepages): {_SIDES[which]}." if which else ""
+  )
+  if retain:  # absent from runs before the option existed, which retained nothing
+    note += f" Freed memory retained (jfast.hugepages.RETAIN): {_SIDES[retain]}."
+  return note
 
 
 def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, Any]) -> str:
@@ -181,7 +186,7 @@ def markdown(rows: list[dict[str, Any]], verdict: dict | None, meta: dict[str, A
     f"Task {meta['task']}, model {meta['model']}, device {meta['device']}, {meta['threads']} threads per side, "
     f"{length} per run, "
     f"{meta['repeats']} repeat(s). J = jfast, T = PyTorch; n/a = no form of the technique on that side yet."
-    + _hugepages_note(meta.get("hugepages")),
+    + _hugepages_note(meta.get("hugepages"), meta.get("retain_freed")),
     "",
     *lines,
     "",

@@ -5,6 +5,7 @@
     python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
     python -m benchmarks.step_profile --config packed_bf16 --ab clsonly  # the classifier's last layer: all rows vs [CLS]
     python -m benchmarks.step_profile --config packed_bf16 --ab ntdots   # a @ b^T: transposing copy vs one NT dot
+    python -m benchmarks.step_profile --config packed_bf16 --ab lnremat  # bf16 LayerNorm kept vs recomputed
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
     python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu|headlayout]  # experiments.lm's GPT
@@ -365,6 +366,11 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
       "a @ b^T as a transposing copy of b + a row-major dot": transposed_copies,
       "a @ b^T as one dot contracting both last axes": lambda: None,
     }
+  elif what == "lnremat":
+    variants = {
+      "LayerNorm kept for the backward pass": lambda: setattr(bert, "_RematLayerNorm", nn.LayerNorm),
+      "LayerNorm recomputed in the backward pass (bf16/fp16 default)": lambda: None,
+    }
   elif what == "rowmajor":
     variants = {
       "no row-major copies (XLA picks the layouts)": lambda: (
@@ -380,7 +386,7 @@ def ab(spec: RunSpec, what: str, steps: int) -> str:
     }
   patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
   patched += [(mixed_dots, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
-  patched += [(activations, "gelu"), (gpt, "row_major")]
+  patched += [(activations, "gelu"), (gpt, "row_major"), (bert, "_RematLayerNorm")]
   patched += [(mixed_dots, "_dot_nt"), (mixed_dots, "_bmm_nt"), (attention, "mixed_matmul_nt")]
   saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
   runs, model, params = {}, None, None
@@ -476,15 +482,16 @@ def ab_xla_flags(args) -> str:
 
 
 def ab_hugepages(args) -> str:
-  """Fresh processes alternated: no tunable, huge pages, huge pages with freed memory retained; each reports its
-  median step."""
-  from jfast.hugepages import hugepage_env
+  """Fresh processes alternated: no tunable, huge pages, huge pages with freed memory retained, freed memory
+  retained in 4 KiB pages; each reports its median step."""
+  from jfast.hugepages import RETAIN, hugepage_env
 
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JFAST_HUGEPAGES")}
   envs = {
     "4 KiB pages (default)": base,
     "glibc.malloc.hugetlb=1": hugepage_env(base),
     "hugetlb=1 + freed memory retained (RETAIN)": hugepage_env(base, retain=True),
+    "freed memory retained (RETAIN), 4 KiB pages": {**base, "GLIBC_TUNABLES": ":".join(RETAIN)},
   }
   return _env_table(args, _env_runs(args, envs, 3), "allocation")
 
@@ -521,6 +528,7 @@ def main(argv=None) -> None:
       "clsonly",
       "fuseqkv",
       "ntdots",
+      "lnremat",
       "hugepages",
       "xla_flags",
     ),
@@ -553,9 +561,10 @@ def main(argv=None) -> None:
     raise SystemExit(
       f"{args.config}: the GPT step has the jfast side only here, without dropout (experiments.lm times PyTorch's)"
     )
-  if isinstance(spec, GPTSpec) and args.ab in ("clsonly", "fuseqkv"):
+  if isinstance(spec, GPTSpec) and args.ab in ("clsonly", "fuseqkv", "lnremat"):
     raise SystemExit(
-      f"{args.config}: --ab {args.ab} is the BERT classifier's (the GPT has no [CLS] rows; its c_attn is one product)"
+      f"{args.config}: --ab {args.ab} is the BERT classifier's (the GPT has no [CLS] rows, its c_attn is one product, "
+      "its norms are its own)"
     )
   common.pin_threads(args.threads)
   if args.time_only:

@@ -131,6 +131,20 @@ def test_each_side_gets_its_own_hugepage_setting(tmp_path, monkeypatch):
   assert TUNABLE not in seen["benchmarks.torch_runner"]
 
 
+@pytest.mark.parametrize("huge, retain", [(True, True), (False, True), (True, False), (False, False)])
+def test_allocator_env_sets_exactly_the_tunables_asked_for(huge, retain):
+  from benchmarks.compare import allocator_env
+  from jfast.hugepages import RETAIN, TUNABLE
+
+  inherited = {"GLIBC_TUNABLES": ":".join([TUNABLE, *RETAIN, "glibc.malloc.tcache_count=0"]), "PATH": "/bin"}
+  env = allocator_env(dict(inherited), huge, retain)
+  items = env["GLIBC_TUNABLES"].split(":")
+  assert (TUNABLE in items) == huge
+  assert all((r in items) == retain for r in RETAIN)
+  assert "glibc.malloc.tcache_count=0" in items and env["PATH"] == "/bin"  # a user's own tunable and the rest stay
+  assert len(items) == len(set(items))
+
+
 @pytest.mark.parametrize("causal, pad", [(True, 0), (False, 5)])
 def test_attention_vs_sdpa_times_the_same_gradients(causal, pad):
   # The benchmark is only a comparison if both sides compute the same thing: equal gradients in float32.
@@ -309,3 +323,47 @@ def test_weight_cast_forms_give_the_same_bf16_values():
   at_once = np.asarray(forms["one flat buffer"](flat), np.float32)
   np.testing.assert_array_equal(by_leaf, at_once)
   assert np.abs(at_once - flat).max() > 0  # bf16 rounds: the cast happened
+
+
+def test_weight_cast_optimizer_forms_take_the_same_adamw_steps():
+  """Leaf by leaf, flat state with per-leaf gradients and the flat floor: each form's parameters and bf16 copy after
+  three steps against float64 AdamW written out here (global-norm clip; decay on kernels only)."""
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import weight_cast
+
+  rng = np.random.default_rng(5)
+  weights = {
+    "layer": {"kernel": rng.standard_normal((48, 96)), "bias": rng.standard_normal(96)},
+    "norm": {"scale": 1 + 0.1 * rng.standard_normal(48), "bias": rng.standard_normal(48)},
+    "out": {"kernel": rng.standard_normal((96, 48))},
+  }
+  weights = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), weights)
+  grads = [
+    jax.tree.map(lambda x, s=s: jnp.asarray(rng.standard_normal(x.shape) * s, jnp.bfloat16), weights)
+    for s in (0.5, 0.02, 3)
+  ]
+  lr, wd = 1e-2, 0.1  # large enough that a decay on the wrong leaves moves them far beyond float32 rounding
+  forms, to_flat, from_flat = weight_cast.optimizer_forms(weights, lr=lr, weight_decay=wd)
+  paths, _ = jax.tree_util.tree_flatten_with_path(weights)
+  decays = [path[-1].key == "kernel" for path, _ in paths]
+  p = [np.asarray(x, np.float64) for _, x in paths]
+  mu, nu = [np.zeros_like(x) for x in p], [np.zeros_like(x) for x in p]
+  for t, g in enumerate(grads, start=1):
+    g64 = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+    scale = min(1.0, 1.0 / np.sqrt(sum((x**2).sum() for x in g64)))
+    for i, gi in enumerate(g64):
+      mu[i] = 0.9 * mu[i] + 0.1 * gi * scale
+      nu[i] = 0.999 * nu[i] + 0.001 * (gi * scale) ** 2
+      adam = (mu[i] / (1 - 0.9**t)) / (np.sqrt(nu[i] / (1 - 0.999**t)) + 1e-8)
+      p[i] = p[i] - lr * (adam + (wd * p[i] if decays[i] else 0))
+  for name, (step, (params, state)) in forms.items():
+    for g in grads:
+      params, state, copy = step(params, state, to_flat(jax.tree.leaves(g), jnp.bfloat16) if "floor" in name else g)
+    if name != "leaf by leaf":
+      params, copy = from_flat(params), (from_flat(copy) if "floor" in name else copy)
+    for want, have, half in zip(p, jax.tree.leaves(params), jax.tree.leaves(copy), strict=True):
+      np.testing.assert_allclose(np.asarray(have, np.float64), want, rtol=0, atol=2e-5, err_msg=name)
+      assert half.dtype == jnp.bfloat16 and half.shape == have.shape, name
+      np.testing.assert_array_equal(np.asarray(half, np.float32), np.asarray(have.astype(jnp.bfloat16), np.float32))
