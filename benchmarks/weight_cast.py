@@ -8,19 +8,23 @@ product, and the backward casts the bf16 weight gradients back. The step profile
 step's thread time (`docs/figures/step_profile_packed_bf16_lazyemb_zen5_s11.md`). The first table times the weight
 cast alone, leaf by leaf as the step does it and as one flat buffer, to tell a per-kernel cost from memory traffic.
 The second times the whole optimizer half of a bf16 step (gradients cast to float32, global-norm clip, AdamW with
-its decay mask, the update applied, a bf16 copy of the new weights) three ways: leaf by leaf as the step runs it; on
-a flat train state fed the step's per-leaf gradients (concatenated in, the bf16 copy sliced out); and on a flat
-state fed a flat gradient (the floor, with no concatenation or slicing).
+its decay mask, the update applied, a bf16 copy of the new weights) four ways: leaf by leaf as the step runs it; on
+a flat train state fed the step's per-leaf gradients (concatenated in, the bf16 copy sliced out); on a flat state
+fed a flat gradient (the floor, with no concatenation or slicing); and leaf by leaf with each parameter and its two
+moments stacked in one array that one expression writes (a one-pass update, as PyTorch's fused AdamW makes).
 
 Why it exists: session 11 measured the cast 4.2x faster flat and proposed flat parameters and moments, as PyTorch's
 fused optimizers and DeepSpeed keep them, as the next lead for #8. That figure handed the leaf-by-leaf form numpy
 arrays, so each call copied 43 MB in; with both forms reading device arrays they are level, and the flat optimizer
-half is no faster than the per-leaf one (`docs/figures/weight_cast_zen5_s12.md`). The lead is closed.
+half is no faster than the per-leaf one (`docs/figures/weight_cast_zen5_s12.md`). The lead is closed, and the
+stacked one-pass form is slower still.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,19 +51,31 @@ def cast_forms():
   }
 
 
+class OptimizerForm(NamedTuple):
+  """One way to run the optimizer half: ``step(params, opt_state, grads) -> (params, opt_state, bf16 copy)``, jitted
+  and donating its first two arguments; its initial ``(params, opt_state)``; how to read the parameter tree and the
+  bf16 copy back out of what it carries; whether it takes the gradients flat (`to_flat`) instead of as leaves."""
+
+  step: Callable
+  init: tuple
+  params_of: Callable
+  copy_of: Callable
+  flat_grad: bool = False
+
+
 def optimizer_forms(weights, lr: float = 3e-5, weight_decay: float = 0.01):
-  """The optimizer half three ways over ``weights``, and the packing that makes leaves flat.
+  """The optimizer half four ways over ``weights``, and the packing that makes leaves flat.
 
   Every form runs the same update: `jfast.clipping.clip_by_global_norm`, then AdamW whose weight decay skips biases
   and norm scales (`jfast.optimizer.decay_mask`). The flat forms keep two buffers, the decayed weights and the rest,
-  as PyTorch's parameter groups do, so the decay needs no per-element mask. Each form takes the gradients as bf16
-  leaves (what the bf16 step's backward yields), except the flat-gradient floor, which takes them flat.
+  as PyTorch's parameter groups do, so the decay needs no per-element mask. The stacked form keeps each leaf's
+  parameter and moments as one ``[3, ...]`` array written by one expression, the nearest XLA:CPU gets to PyTorch's
+  one-pass fused AdamW without multi-output fusion. Each form takes the gradients as bf16 leaves (what the bf16
+  step's backward yields), except the flat-gradient floor, which takes them flat.
 
   Returns:
-    ``(forms, to_flat, from_flat)``: ``forms`` maps a name to (a jitted ``(params, opt_state, grads) -> (params, opt_state,
-    bf16 copy of params)`` that donates its first two arguments, its initial ``(params, opt_state)``);
-    ``to_flat(leaves, dtype)`` packs a list of leaves (in ``weights``' order) into the two flat buffers, and
-    ``from_flat(buffers)`` unpacks them into a tree like ``weights``.
+    ``(forms, to_flat)``: ``forms`` maps a name to its `OptimizerForm`; ``to_flat(leaves, dtype)`` packs a list of
+    leaves (in ``weights``' order) into the two flat buffers.
   """
   import functools
 
@@ -70,14 +86,14 @@ def optimizer_forms(weights, lr: float = 3e-5, weight_decay: float = 0.01):
   from jfast.clipping import clip_by_global_norm
   from jfast.optimizer import decay_mask
 
-  wd = weight_decay
-  by_leaf = optax.chain(clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=wd, mask=decay_mask))
+  wd, b1, b2, eps = weight_decay, 0.9, 0.999, 1e-8
+  by_leaf = optax.chain(clip_by_global_norm(1.0), optax.adamw(lr, b1, b2, eps, weight_decay=wd, mask=decay_mask))
   # Two flat buffers, as PyTorch's parameter groups: the decayed weights and the rest, so the decay needs no mask.
   leaves, treedef = jax.tree.flatten(weights)
   decays = jax.tree.leaves(decay_mask(weights))
   groups = {"decay": [i for i, d in enumerate(decays) if d], "no_decay": [i for i, d in enumerate(decays) if not d]}
   flat_tx = optax.chain(
-    clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=wd, mask={"decay": True, "no_decay": False})
+    clip_by_global_norm(1.0), optax.adamw(lr, b1, b2, eps, weight_decay=wd, mask={"decay": True, "no_decay": False})
   )
 
   def to_flat(tree_leaves, dtype):
@@ -98,33 +114,56 @@ def optimizer_forms(weights, lr: float = 3e-5, weight_decay: float = 0.01):
     return flat, flat_tx.init(flat)
 
   donate = functools.partial(jax.jit, donate_argnums=(0, 1))
+  to_f32 = functools.partial(jax.tree.map, lambda g: g.astype(jnp.float32))
+  to_bf16 = functools.partial(jax.tree.map, lambda p: p.astype(jnp.bfloat16))
 
   @donate
   def leaf_step(params, state, grads):
-    updates, state = by_leaf.update(jax.tree.map(lambda g: g.astype(jnp.float32), grads), state, params)
+    updates, state = by_leaf.update(to_f32(grads), state, params)
     params = optax.apply_updates(params, updates)
-    return params, state, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    return params, state, to_bf16(params)
 
   def flat_update(params, state, grad):
-    updates, state = flat_tx.update(jax.tree.map(lambda g: g.astype(jnp.float32), grad), state, params)
+    updates, state = flat_tx.update(to_f32(grad), state, params)
     return optax.apply_updates(params, updates), state
 
   @donate
   def flat_state_step(params, state, grads):
     params, state = flat_update(params, state, to_flat(jax.tree.leaves(grads), jnp.float32))
-    return params, state, from_flat(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+    return params, state, from_flat(to_bf16(params))
 
   @donate
   def flat_floor_step(params, state, grad):
     params, state = flat_update(params, state, grad)
-    return params, state, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    return params, state, to_bf16(params)
 
-  forms = {
-    "leaf by leaf": (leaf_step, (jax.tree.map(jnp.copy, weights), by_leaf.init(weights))),
-    "flat state, per-leaf gradients": (flat_state_step, flat_init()),
-    "flat state, flat gradient (floor)": (flat_floor_step, flat_init()),
-  }
-  return forms, to_flat, from_flat
+  @donate
+  def stacked_step(stacks, count, grads):
+    grads = to_f32(grads)
+    scale = jnp.minimum(1.0, 1.0 / jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
+    count = count + 1
+    c1, c2 = 1 - b1**count, 1 - b2**count
+
+    def update(s, g, decay):
+      p, mu, nu, g = s[0], s[1], s[2], g * scale
+      mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
+      p = p - lr * ((mu / c1) / (jnp.sqrt(nu / c2) + eps) + (wd * p if decay else 0.0))
+      return jnp.stack([p, mu, nu])
+
+    stacks = jax.tree.map(update, stacks, grads, decay_mask(grads))
+    return stacks, count, jax.tree.map(lambda s: s[0].astype(jnp.bfloat16), stacks)
+
+  same = lambda x: x  # noqa: E731
+  first = functools.partial(jax.tree.map, lambda s: s[0])
+  stacked = jax.tree.map(lambda p: jnp.stack([p, jnp.zeros_like(p), jnp.zeros_like(p)]), weights)
+  return {
+    "leaf by leaf": OptimizerForm(leaf_step, (jax.tree.map(jnp.copy, weights), by_leaf.init(weights)), same, same),
+    "flat state, per-leaf gradients": OptimizerForm(flat_state_step, flat_init(), from_flat, same),
+    "flat state, flat gradient (floor)": OptimizerForm(flat_floor_step, flat_init(), from_flat, from_flat, True),
+    "leaf by leaf, [p, mu, nu] stacked": OptimizerForm(
+      stacked_step, (stacked, jnp.zeros((), jnp.float32)), first, same
+    ),
+  }, to_flat
 
 
 def run_optimizer(steps: int) -> str:
@@ -134,13 +173,13 @@ def run_optimizer(steps: int) -> str:
   weights = jax.device_put(encoder_weights())
   rng = np.random.default_rng(0)
   grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32) * 1e-3, jnp.bfloat16), weights)
-  forms, to_flat, _ = optimizer_forms(weights)
+  forms, to_flat = optimizer_forms(weights)
   flat_grad = to_flat(jax.tree.leaves(grads), jnp.bfloat16)
-  carried = {name: init for name, (_, init) in forms.items()}
+  carried = {name: form.init for name, form in forms.items()}
 
   def call(name):
-    step = forms[name][0]
-    g = flat_grad if "floor" in name else grads
+    step = forms[name].step
+    g = flat_grad if forms[name].flat_grad else grads
 
     def one():
       params, state, copy = step(*carried[name], g)

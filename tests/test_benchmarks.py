@@ -326,8 +326,8 @@ def test_weight_cast_forms_give_the_same_bf16_values():
 
 
 def test_weight_cast_optimizer_forms_take_the_same_adamw_steps():
-  """Leaf by leaf, flat state with per-leaf gradients and the flat floor: each form's parameters and bf16 copy after
-  three steps against float64 AdamW written out here (global-norm clip; decay on kernels only)."""
+  """Every form of the optimizer half (leaf by leaf, flat state, flat floor, stacked one-pass): its parameters and
+  bf16 copy after three steps against float64 AdamW written out here (global-norm clip; decay on kernels only)."""
   import jax
   import jax.numpy as jnp
 
@@ -345,7 +345,8 @@ def test_weight_cast_optimizer_forms_take_the_same_adamw_steps():
     for s in (0.5, 0.02, 3)
   ]
   lr, wd = 1e-2, 0.1  # large enough that a decay on the wrong leaves moves them far beyond float32 rounding
-  forms, to_flat, from_flat = weight_cast.optimizer_forms(weights, lr=lr, weight_decay=wd)
+  forms, to_flat = weight_cast.optimizer_forms(weights, lr=lr, weight_decay=wd)
+  assert len(forms) == 4
   paths, _ = jax.tree_util.tree_flatten_with_path(weights)
   decays = [path[-1].key == "kernel" for path, _ in paths]
   p = [np.asarray(x, np.float64) for _, x in paths]
@@ -358,11 +359,13 @@ def test_weight_cast_optimizer_forms_take_the_same_adamw_steps():
       nu[i] = 0.999 * nu[i] + 0.001 * (gi * scale) ** 2
       adam = (mu[i] / (1 - 0.9**t)) / (np.sqrt(nu[i] / (1 - 0.999**t)) + 1e-8)
       p[i] = p[i] - lr * (adam + (wd * p[i] if decays[i] else 0))
-  for name, (step, (params, state)) in forms.items():
+  for name, form in forms.items():
+    params, state = form.init
     for g in grads:
-      params, state, copy = step(params, state, to_flat(jax.tree.leaves(g), jnp.bfloat16) if "floor" in name else g)
-    if name != "leaf by leaf":
-      params, copy = from_flat(params), (from_flat(copy) if "floor" in name else copy)
+      params, state, copy = form.step(
+        params, state, to_flat(jax.tree.leaves(g), jnp.bfloat16) if form.flat_grad else g
+      )
+    params, copy = form.params_of(params), form.copy_of(copy)
     for want, have, half in zip(p, jax.tree.leaves(params), jax.tree.leaves(copy), strict=True):
       np.testing.assert_allclose(np.asarray(have, np.float64), want, rtol=0, atol=2e-5, err_msg=name)
       assert half.dtype == jnp.bfloat16 and half.shape == have.shape, name
