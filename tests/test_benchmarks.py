@@ -370,3 +370,46 @@ def test_weight_cast_optimizer_forms_take_the_same_adamw_steps():
       np.testing.assert_allclose(np.asarray(have, np.float64), want, rtol=0, atol=2e-5, err_msg=name)
       assert half.dtype == jnp.bfloat16 and half.shape == have.shape, name
       np.testing.assert_array_equal(np.asarray(half, np.float32), np.asarray(have.astype(jnp.bfloat16), np.float32))
+
+
+def test_mfu_preset_builds_bert_base_512_bf16_and_divides_by_the_peak():
+  """The GPU half of #8 has never run (no device lent); this checks its preset and its MFU arithmetic."""
+  from benchmarks import compare, report
+  from benchmarks.configs import CONFIGS, MFU_CONFIGS, MODEL_SHAPES, specs_for
+
+  args = compare.parse_args(["--mfu"])
+  assert (args.model, args.seq_len, args.task, tuple(args.configs)) == ("bert-base", 512, "synthetic", MFU_CONFIGS)
+  specs = specs_for(CONFIGS["mfu_bf16"], compare._base(args))
+  assert set(specs) == {"jax", "torch"}
+  assert all(
+    (s.model, s.seq_len, s.dtype, s.strategy) == ("bert-base", 512, "bfloat16", "fixed") for s in specs.values()
+  )
+  assert MODEL_SHAPES["bert-base"]["hidden_size"] == 768 and MODEL_SHAPES["bert-base"]["num_hidden_layers"] == 12
+
+  def result(side, device, tflops):
+    return {
+      "side": side,
+      "device": device,
+      "real_tokens_per_s": 1000.0,
+      "median_step_s": 0.1,
+      "compile_s": 1.0,
+      "warmup_s": 0.0,
+      "num_shapes": 1,
+      "device_peak_mb": 2048.0 if device != "cpu" else None,
+      "peak_rss_mb": 900.0,
+      "padding_efficiency": 1.0,
+      "step_examples": [32, 32],
+      "model_tflops_per_s": tflops,
+      "train_loss": 0.5,
+      "timed_tokens": 1000,
+      "timed_steps": 2,
+    }
+
+  meta = {"techniques": {"mfu_bf16": "x"}, "in_best": {"mfu_bf16": True}, "epoch_tokens": 1000, "epoch_shapes": {}}
+  gpu = report.build_rows(
+    {"mfu_bf16": {"jax": result("jax", "gpu", 617.3), "torch": result("torch", "gpu", 380.0)}}, meta, 989.4
+  )
+  assert gpu[0]["jax"]["mfu"] == pytest.approx(617.3 / 989.4) and gpu[0]["torch"]["mfu"] == pytest.approx(380 / 989.4)
+  assert gpu[0]["jax"]["peak_kind"] == "device"
+  cpu = report.build_rows({"mfu_bf16": {"jax": result("jax", "cpu", 0.3)}}, meta, 989.4)
+  assert cpu[0]["jax"]["mfu"] is None and cpu[0]["jax"]["peak_kind"] == "host RSS"
