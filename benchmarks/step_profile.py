@@ -484,14 +484,14 @@ def ab_xla_flags(args) -> str:
 def ab_hugepages(args) -> str:
   """Fresh processes alternated: no tunable, huge pages, huge pages with freed memory retained, freed memory
   retained in 4 KiB pages; each reports its median step."""
-  from jfast.hugepages import RETAIN, hugepage_env
+  from benchmarks.compare import allocator_env
 
   base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JFAST_HUGEPAGES")}
   envs = {
     "4 KiB pages (default)": base,
-    "glibc.malloc.hugetlb=1": hugepage_env(base),
-    "hugetlb=1 + freed memory retained (RETAIN)": hugepage_env(base, retain=True),
-    "freed memory retained (RETAIN), 4 KiB pages": {**base, "GLIBC_TUNABLES": ":".join(RETAIN)},
+    "glibc.malloc.hugetlb=1": allocator_env(base, hugepages=True, retain=False),
+    "hugetlb=1 + freed memory retained (RETAIN)": allocator_env(base, hugepages=True, retain=True),
+    "freed memory retained (RETAIN), 4 KiB pages": allocator_env(base, hugepages=False, retain=True),
   }
   return _env_table(args, _env_runs(args, envs, 3), "allocation")
 

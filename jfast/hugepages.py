@@ -15,8 +15,9 @@ needs Linux, glibc 2.35 or newer and transparent huge pages not set to ``never``
 PyTorch's MiniLM step did not gain from it in session 4: its eager CPU step ran 0.86x as fast with the tunable
 (median of three processes each; the cause was not investigated), so `benchmarks.compare` set it for the jfast
 side only. On the Zen 5 EPYC of sessions 9-12 the same step gains 1.09x from huge pages and 1.26x from huge pages
-with `RETAIN` (`docs/figures/allocator_ab_zen5_s12.md`), so the comparison now takes each side's allocator
-setting as options (``--hugepages``, ``--retain-freed``) and says in its table which side had which. Its GPT-2 step in `experiments.lm` gained in bf16 and was level in fp32, so
+with `RETAIN` (`docs/figures/allocator_ab_zen5_s12.md`), so the comparison now takes each side's allocator setting
+as options (``--hugepages``, ``--retain-freed``, both on for both sides by default) and says in its table which
+side had which. PyTorch's GPT-2 step in `experiments.lm` gained in bf16 and was level in fp32, so
 that experiment, whose two sides share one process, runs with it on both.
 
 Huge pages make each fault cheaper, but the faults remain: glibc returns every freed buffer above its mmap
@@ -28,8 +29,9 @@ with ``MADV_DONTNEED`` on their own schedule). Freed buffers then stay in the pr
 each) the fp32 GPT step of `experiments.lm` went 659 -> 576 ms (1.14x; 70 ms of kernel time and ~450 faults a step
 -> none), and the slow-step tail of that experiment's one-process comparison went away (30 -> 3 of 118 steps over
 1.3x the median); MiniLM's packed step, whose temporaries are small, was level (345 -> 337 ms, inside the spread
-between processes), and level again on the Zen 5 EPYC (65.8 -> 67.2 ms, with steadier processes). The price is that a process keeps its peak memory until it exits, so only `experiments.lm`
-(and ``jfast experiment lm``) asks for it; PyTorch's GPT-2 step, in the same process, was level with it.
+between processes), and level again on the Zen 5 EPYC (65.8 -> 67.2 ms, with steadier processes). The price is
+that a process keeps its peak memory until it exits, so only `experiments.lm` (and ``jfast experiment lm``) asks
+for it; PyTorch's GPT-2 step, in the same process, was level with it.
 """
 
 from __future__ import annotations
