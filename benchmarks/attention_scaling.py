@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfast.attention import blockwise_attention, dense_attention, sliding_window_attention
+from jfast.nn import blockwise_attention, dense_attention, sliding_window_attention
 
 GIB = 2**30
 

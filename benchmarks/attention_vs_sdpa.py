@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from jfast.attention import dense_attention
+from jfast.nn import dense_attention
 
 # name: (batch, length, heads, head_dim, causal, padded tail per row)
 SHAPES = {"gpt (experiments.lm)": (8, 256, 4, 64, True, 0), "minilm (compare)": (32, 64, 12, 32, False, 20)}

@@ -30,8 +30,9 @@ def pin_threads(threads: int) -> None:
 
 def start_jfast_script(threads: int = 2) -> None:
   """A one-process jfast timing script's start: glibc huge pages as `benchmarks.compare` gives the jfast side
-  (`jfast.hugepages`; the process re-executes itself once; ``JFAST_HUGEPAGES=0``: without), then `pin_threads`."""
-  from jfast.hugepages import ensure_hugepages
+  (`jfast.cpu.hugepages`; on a CPU backend the process re-executes itself once; ``JFAST_HUGEPAGES=0``: without),
+  then `pin_threads`."""
+  from jfast.cpu.hugepages import ensure_hugepages
 
   ensure_hugepages()
   pin_threads(threads)

@@ -25,8 +25,8 @@ import numpy as np
 
 from benchmarks import common, data, report
 from benchmarks.configs import CONFIGS, DEFAULT_CONFIGS, MFU_CONFIGS, MODELS, TASKS, RunSpec, specs_for
-from jfast.hugepages import RETAIN, hugepage_env
-from jfast.runs import cpu_description
+from jfast.app.runs import cpu_description
+from jfast.cpu.hugepages import RETAIN, hugepage_env
 
 REPO = Path(__file__).resolve().parent.parent
 H100_BF16_DENSE_TFLOPS = 989.0

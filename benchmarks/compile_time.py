@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.step_profile import _jax_step, _spec
-from jfast.runs import cpu_description
+from jfast.app.runs import cpu_description
 
 # Each a dict of XLA debug options for `Lowered.compile(compiler_options=...)`; the names are XLA's DebugOptions.
 OPTION_SETS = {

@@ -105,7 +105,7 @@ def main(argv=None) -> None:
   import torch
 
   torch.set_num_threads(args.threads)
-  from jfast.runs import cpu_description
+  from jfast.app.runs import cpu_description
 
   shapes = [s for name in args.models.split(",") for s in SHAPES[name]]
   print(f"{args.dtype} products, {args.threads} threads, {cpu_description()}:\n")

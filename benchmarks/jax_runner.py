@@ -48,9 +48,9 @@ _POLICIES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def build_step(spec: RunSpec, model, params, epoch_steps: int):
   """The train state and jitted step: precision policy, in-step accumulation and freezing from the library."""
-  from jfast.freezing import freeze, freeze_mask
-  from jfast.row_sparse import row_sparse_embedding
-  from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+  from jfast.cpu import row_sparse_embedding
+  from jfast.optim import OptimizerConfig, freeze, freeze_mask, make_optimizer
+  from jfast.training import classification_loss, create_train_state, make_train_step
 
   policy = _POLICIES[spec.dtype]
   # bitsandbytes' AdamW8bit defaults on the other side: blocks of 256, tensors under 4096 elements kept in float32.
@@ -68,7 +68,7 @@ def build_step(spec: RunSpec, model, params, epoch_steps: int):
     policy=policy,
     micro_batches=spec.accum,
     freeze_mask=mask,
-    row_sparse=row_sparse_embedding(model) if spec.row_sparse != "off" else None,
+    row_sparse=row_sparse_embedding(model, classification_loss) if spec.row_sparse != "off" else None,
   )
   return state, step
 
@@ -89,8 +89,7 @@ def run(spec: RunSpec, train: data.Examples, dev: data.Examples | None, plan, de
   import jax
 
   import jfast
-  from jfast.loop import evaluate
-  from jfast.train import classification_loss, make_eval_step
+  from jfast.training import classification_loss, evaluate, make_eval_step
 
   device = jax.devices()[0]
   t_setup = time.perf_counter()

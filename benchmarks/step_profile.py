@@ -1,14 +1,12 @@
 """Where a jfast train step's time goes on this machine, and what each of the library's choices is worth.
 
     python -m benchmarks.step_profile --config grouped_bf16            # per-category op time from a profiler trace
-    python -m benchmarks.step_profile --config packed_bf16 --ab dropout  # flax's Dropout vs jfast.dropout, interleaved
-    python -m benchmarks.step_profile --config grouped_bf16 --ab clip    # optax's clip vs jfast.clipping, interleaved
+    python -m benchmarks.step_profile --config packed_bf16 --ab cpulayer # jfast.cpu's bf16 products vs stock nn.Dense
     python -m benchmarks.step_profile --config packed_bf16 --ab clsonly  # the classifier's last layer: all rows vs [CLS]
-    python -m benchmarks.step_profile --config packed_bf16 --ab ntdots   # a @ b^T: transposing copy vs one NT dot
-    python -m benchmarks.step_profile --config packed_bf16 --ab lnremat  # bf16 LayerNorm kept vs recomputed
+    python -m benchmarks.step_profile --config packed_bf16 --ab fuseqkv  # q, k, v as three products or one
     python -m benchmarks.step_profile --config grouped_bf16 --side torch # the PyTorch step, torch.profiler
     python -m benchmarks.step_profile --config grouped_bf16 --ab hugepages [--side torch]  # glibc's THP tunable
-    python -m benchmarks.step_profile --config gpt_bf16 [--ab biasgrad|qkvsplit|gelu|headlayout]  # experiments.lm's GPT
+    python -m benchmarks.step_profile --config gpt_bf16 [--ab cpulayer]  # experiments.lm's GPT
     python -m benchmarks.step_profile --config gpt_bf16 --ab xla_flags [--xla-flags="--xla_cpu_..."]  # XLA:CPU flags
 
 The step is the one `benchmarks.compare` times (the real MiniLM, SST-2 batches cut by the config's strategy,
@@ -17,8 +15,10 @@ event per thunk with ``--xla_cpu_enable_xprof_traceme``) and sums each op's time
 categories read from the HLO metadata: matrix products, dropout masks, the embedding gradient, dtype casts, layout
 copies, optimizer update and the remaining forward / backward elementwise work. A/B mode builds both variants of
 the step in one process and alternates them step by step, so machine noise hits both alike; medians after warm-up.
+Each variant is an explicit switch of the library (`AB_VARIANTS`): a model flag, or `jfast.cpu.use_layer(False)`,
+which traces the stock GPU/TPU forms for the CPU.
 ``--ab hugepages`` cannot share a process (glibc reads the tunable at start): it alternates fresh processes with and
-without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.hugepages`), and with it plus `jfast.hugepages.RETAIN`
+without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.cpu.hugepages`), and with it plus `jfast.cpu.hugepages.RETAIN`
 (freed buffers kept in the process), three of each, and reports each median;
 ``--ab xla_flags`` does the same for XLA:CPU compiler flags (`XLA_FLAG_VARIANTS`, or ``--xla-flags``) against XLA's
 defaults.
@@ -276,138 +276,53 @@ def profile_torch(spec: RunSpec, steps: int, top: int) -> str:
   return "\n".join(lines)
 
 
-def _bernoulli_dropout(x, rate, key):
-  """flax's dropout formula with `jax.random.bernoulli`: the baseline `jfast.dropout` replaced."""
-  import jax
-  import jax.numpy as jnp
+# What `--ab` compares: each variant is an explicit switch of the library (a model flag, or the CPU layer turned off
+# for the trace with `jfast.cpu.use_layer`), never a patched function.
+AB_VARIANTS = {
+  "clsonly": {
+    "every row through the last layer": {"last_layer_pooled_only": False},
+    "last layer at the [CLS] rows only (default)": {},
+  },
+  "fuseqkv": {
+    "query, key and value as three products": {"fuse_qkv": False},
+    "query, key and value as one product (BertConfig.fuse_qkv)": {"fuse_qkv": True},
+  },
+  "cpulayer": {
+    "stock nn.Dense and XLA's autodiff (the GPU/TPU path)": {"cpu_layer": False},
+    "jfast.cpu layer: bf16 products in XLA:CPU's kernel forms (default on CPU)": {},
+  },
+}
+BERT_ONLY_AB = ("clsonly", "fuseqkv")
 
-  return jnp.where(jax.random.bernoulli(key, 1.0 - rate, x.shape), x / (1.0 - rate), 0.0).astype(x.dtype)
+
+def _variant(model, switches: dict):
+  if "last_layer_pooled_only" in switches:
+    model = model.clone(last_layer_pooled_only=switches["last_layer_pooled_only"])
+  if "fuse_qkv" in switches:
+    model = model.clone(config=model.config.replace(fuse_qkv=switches["fuse_qkv"]))
+  return model
 
 
-def ab(spec: RunSpec, what: str, steps: int) -> str:
+def ab(spec: RunSpec | GPTSpec, what: str, steps: int) -> str:
   """Both variants of the step built in one process, alternated step by step."""
-  import flax.linen as nn
   import jax
-  import optax
 
-  import jfast.activations as activations
-  import jfast.attention as attention
-  import jfast.mixed_dots as mixed_dots
-  import jfast.models.bert as bert
-  import jfast.models.gpt as gpt
-  import jfast.optimizer as optimizer
-  import jfast.precision as precision
-  import jfast.sparse_attention as sparse
+  from jfast.cpu import use_layer
 
-  if what == "dropout":
-    variants = {
-      "flax nn.Dropout + jax.random.bernoulli": lambda: (
-        setattr(bert, "Dropout", nn.Dropout),
-        setattr(sparse, "keep_mask", lambda key, rate, shape: jax.random.bernoulli(key, 1.0 - rate, shape)),
-        setattr(attention, "dropout", _bernoulli_dropout),
-      ),
-      "jfast.dropout (hash mask)": lambda: None,
-    }
-  elif what == "biasgrad":
-    variants = {
-      "autodiff's bias gradient (XLA reduce)": lambda: setattr(
-        precision, "add_bias", lambda y, b: y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
-      ),
-      "jfast.mixed_dots.add_bias (ones @ g)": lambda: None,
-    }
-  elif what == "gelu":
-    variants = {
-      "jax.nn.gelu (half-precision arithmetic, autodiff)": lambda: setattr(
-        activations, "gelu", lambda x, approximate=False: jax.nn.gelu(x, approximate=approximate)
-      ),
-      "jfast.activations.gelu (float32 inside, custom VJP)": lambda: None,
-    }
-  elif what == "qkvsplit":
-    variants = {
-      "three slices of c_attn's output": lambda: setattr(
-        gpt,
-        "split_qkv",
-        lambda x: tuple(x[..., i * (x.shape[-1] // 3) : (i + 1) * (x.shape[-1] // 3)] for i in range(3)),
-      ),
-      "jfast.models.gpt.split_qkv (one split)": lambda: None,
-    }
-  elif what == "headlayout":
-    variants = {
-      "GPT head on the table's transposed view": lambda: setattr(gpt, "row_major", lambda x: x),
-      "GPT head on a row-major [D, V] copy": lambda: None,
-    }
-  elif what == "clsonly":
-    variants = {
-      "every row through the last layer": lambda: "full",
-      "last layer at the [CLS] rows only (default)": lambda: None,
-    }
-  elif what == "fuseqkv":
-    variants = {
-      "query, key and value as three products": lambda: "apart",
-      "query, key and value as one product (BertConfig.fuse_qkv, default)": lambda: None,
-    }
-  elif what == "ntdots":
-
-    def transposed_copies():
-      def dot_nt(a, b):
-        return jax.lax.dot(a, mixed_dots.row_major(b.T), preferred_element_type=jax.numpy.float32)
-
-      def bmm_nt(a, b):
-        return mixed_dots._bmm(a, mixed_dots._row_major_transpose(b))
-
-      def matmul_nt(a, b):
-        return mixed_dots.mixed_matmul(a, mixed_dots._row_major_transpose(b))
-
-      mixed_dots._dot_nt = dot_nt
-      mixed_dots._bmm_nt = bmm_nt
-      attention.mixed_matmul_nt = matmul_nt
-
-    variants = {
-      "a @ b^T as a transposing copy of b + a row-major dot": transposed_copies,
-      "a @ b^T as one dot contracting both last axes": lambda: None,
-    }
-  elif what == "lnremat":
-    variants = {
-      "LayerNorm kept for the backward pass": lambda: setattr(bert, "_RematLayerNorm", nn.LayerNorm),
-      "LayerNorm recomputed in the backward pass (bf16/fp16 default)": lambda: None,
-    }
-  elif what == "rowmajor":
-    variants = {
-      "no row-major copies (XLA picks the layouts)": lambda: (
-        setattr(mixed_dots, "row_major", lambda x: x),
-        setattr(attention, "row_major", lambda x: x),
-      ),
-      "jfast.mixed_dots.row_major copies": lambda: None,
-    }
-  else:
-    variants = {
-      "optax.clip_by_global_norm": lambda: setattr(optimizer, "clip_by_global_norm", optax.clip_by_global_norm),
-      "jfast.clipping.clip_by_global_norm": lambda: None,
-    }
-  patched = [(bert, "Dropout"), (sparse, "keep_mask"), (attention, "dropout"), (optimizer, "clip_by_global_norm")]
-  patched += [(mixed_dots, "row_major"), (attention, "row_major"), (precision, "add_bias"), (gpt, "split_qkv")]
-  patched += [(activations, "gelu"), (gpt, "row_major"), (bert, "_RematLayerNorm")]
-  patched += [(mixed_dots, "_dot_nt"), (mixed_dots, "_bmm_nt"), (attention, "mixed_matmul_nt")]
-  saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
-  runs, model, params = {}, None, None
-  model_variants = ("clsonly", "fuseqkv")  # variants of the BERT module itself, not of a library function
-  if what in model_variants:
+  model = params = None
+  if what in BERT_ONLY_AB:
     from benchmarks.jax_runner import build_model
 
     model, params = build_model(spec, data.NUM_LABELS[spec.task])
-  for name, patch in variants.items():
-    choice = patch()
-    if what == "clsonly":
-      variant = model.clone(last_layer_pooled_only=choice != "full")
-    elif what == "fuseqkv":
-      variant = model.clone(config=model.config.replace(fuse_qkv=choice != "apart"))
-    else:
-      variant = model
-    compiled, state, batches, variant, params = _jax_step(spec, variant, params)
-    model = model if what in model_variants else variant
+  runs = {}
+  for name, switches in AB_VARIANTS[what].items():
+    variant = None if model is None else _variant(model, switches)
+    with use_layer(switches.get("cpu_layer", True)):
+      if isinstance(spec, GPTSpec):
+        compiled, state, batches, _, params = _gpt_step(spec, None, params)
+      else:
+        compiled, state, batches, variant, params = _jax_step(spec, variant, params)
     runs[name] = [state, compiled, []]
-    for module, attr, value in saved:
-      setattr(module, attr, value)
   warmup = 4
   for i in range(warmup + steps):
     for run in runs.values():
@@ -516,23 +431,7 @@ def main(argv=None) -> None:
     "--config", default="grouped_bf16", help="a jfast config of benchmarks.configs, or gpt_bf16 / gpt_fp32"
   )
   p.add_argument(
-    "--ab",
-    choices=(
-      "dropout",
-      "clip",
-      "rowmajor",
-      "biasgrad",
-      "qkvsplit",
-      "gelu",
-      "headlayout",
-      "clsonly",
-      "fuseqkv",
-      "ntdots",
-      "lnremat",
-      "hugepages",
-      "xla_flags",
-    ),
-    help="time two variants instead of profiling",
+    "--ab", choices=(*AB_VARIANTS, "hugepages", "xla_flags"), help="time two variants instead of profiling"
   )
   p.add_argument(
     "--xla-flags",
@@ -557,14 +456,11 @@ def main(argv=None) -> None:
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme").strip()}
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks.step_profile", *(argv or sys.argv[1:])], env)
   spec = _spec(args.config)
-  if isinstance(spec, GPTSpec) and (args.side == "torch" or args.ab == "dropout"):
+  if isinstance(spec, GPTSpec) and args.side == "torch":
+    raise SystemExit(f"{args.config}: the GPT step has the jfast side only here (experiments.lm times PyTorch's)")
+  if isinstance(spec, GPTSpec) and args.ab in BERT_ONLY_AB:
     raise SystemExit(
-      f"{args.config}: the GPT step has the jfast side only here, without dropout (experiments.lm times PyTorch's)"
-    )
-  if isinstance(spec, GPTSpec) and args.ab in ("clsonly", "fuseqkv", "lnremat"):
-    raise SystemExit(
-      f"{args.config}: --ab {args.ab} is the BERT classifier's (the GPT has no [CLS] rows, its c_attn is one product, "
-      "its norms are its own)"
+      f"{args.config}: --ab {args.ab} is the BERT classifier's (the GPT has no [CLS] rows, its c_attn is one product)"
     )
   common.pin_threads(args.threads)
   if args.time_only:

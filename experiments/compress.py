@@ -33,26 +33,38 @@ import numpy as np
 
 from experiments import quantize as qexp
 from experiments.teacher import ensure_teacher
-from jfast import quant
-from jfast.distill import DistillConfig, distill_params, make_distill_step, split_params, student_from_teacher
+from jfast import compress as quant
+from jfast.compress import (
+  DistillConfig,
+  distill_params,
+  distillation_loss,
+  gradient_importance,
+  select,
+  shrink,
+  split_params,
+  student_from_teacher,
+)
 from jfast.models import BertForSequenceClassification, load_hf_bert
-from jfast.models.attention import AttentionConfig
-from jfast.pruning import gradient_importance, select, shrink
-from jfast.train import OptimizerConfig, create_train_state, make_optimizer
+from jfast.nn import AttentionConfig
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.training import LoopConfig, fit
 
 
 def distill(teacher, teacher_params, student_config, student_params, batches, *, lr, config, seed=0):
-  """Trains the student on ``batches`` against the teacher; returns (params, seconds)."""
-  num_labels = teacher.num_labels
-  student = BertForSequenceClassification(student_config, num_labels=num_labels)
+  """Trains the student on ``batches`` against the teacher (`jfast.training.fit`); returns (params, seconds)."""
+  student = BertForSequenceClassification(student_config, num_labels=teacher.num_labels)
   trainable = distill_params(student_params, student_config, teacher.config, config)
-  tx = make_optimizer(OptimizerConfig(learning_rate=lr), total_steps=len(batches))
-  state = create_train_state(student, trainable, tx, seed)
-  step = make_distill_step(student, teacher, config)
   t = time.perf_counter()
-  for b in batches:
-    state, _ = step(state, teacher_params, b)
-  params = jax.device_get(split_params(state.params)[0])
+  result = fit(
+    student,
+    trainable,
+    lambda total: make_optimizer(OptimizerConfig(learning_rate=lr), total),
+    batches,
+    loss=lambda m: distillation_loss(m, teacher, config),
+    inputs=(teacher_params,),
+    loop=LoopConfig(seed=seed, progress=False, log_every=max(len(batches), 1)),
+  )
+  params = jax.device_get(split_params(result.state.params)[0])
   return params, time.perf_counter() - t
 
 

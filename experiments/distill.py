@@ -31,49 +31,32 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.finetune import DEFAULT_DATA, default_model_path
 from experiments.teacher import ensure_teacher
-from jfast.data import BatchingConfig, TextDataset, load_text_classification, load_tokenizer, make_batches, tokenize
-from jfast.data.padding import fixed_pad
-from jfast.distill import (
+from jfast.app.finetune import DEFAULT_DATA, parse_layers, tokenizer_path
+from jfast.compress import (
   DistillConfig,
-  make_distill_step,
+  distillation_loss,
   num_params,
   precompute_teacher_logits,
   split_params,
   student_from_teacher,
 )
-from jfast.loop import evaluate
-from jfast.models import BertForSequenceClassification, load_hf_bert, save_hf_bert
-from jfast.precision import get_policy
-from jfast.train import (
-  OptimizerConfig,
-  classification_loss,
-  create_train_state,
-  make_eval_step,
-  make_optimizer,
-  make_train_step,
+from jfast.data import (
+  BatchingConfig,
+  TextDataset,
+  fixed_pad,
+  load_text_classification,
+  load_tokenizer,
+  make_batches,
+  tokenize,
 )
+from jfast.models import BertForSequenceClassification, load_hf_bert, save_hf_bert
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.training import LoopConfig, classification_loss, evaluate, fit, make_eval_step
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "runs" / "teacher" / "hf"
 MODES = ("hard", "soft", "soft+hidden")
-
-
-def parse_layers(text: str) -> str | tuple[int, ...]:
-  """``every_other`` or comma-separated teacher layer indices (``0,3``)."""
-  if text == "every_other":
-    return text
-  try:
-    return tuple(int(i) for i in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"layers must be 'every_other' or indices like 0,3; got {text!r}") from None
-
-
-def tokenizer_path(teacher: Path, given: str | None) -> str:
-  if given:
-    return given
-  return str(teacher) if (teacher / "tokenizer.json").is_file() else default_model_path()
 
 
 def train_student(
@@ -91,65 +74,61 @@ def train_student(
   seed: int = 0,
   log_every: int = 25,
 ):
-  """Trains ``student_model`` over ``batches`` once: hard labels when ``distill`` is None, else distillation.
+  """Trains ``student_model`` over ``batches`` once (`jfast.training.fit`): hard labels when ``distill`` is None,
+  else distillation from the teacher inside the step (or from its precomputed logits).
 
   Returns:
-    ``(state, stats)`` with per-step wall times, first-step (compile) time and the summed metrics.
+    ``(state, stats)`` with per-step wall times, first-step (compile) time and the run's mean loss terms.
   """
-  policy = get_policy(precision)
-  student_model = student_model.clone(config=policy.configure(student_model.config))
-  tx = make_optimizer(optimizer, total_steps=len(batches))
-  state = create_train_state(student_model, params, tx, seed=seed, policy=policy)
-  if distill is None:
-    step = make_train_step(classification_loss(student_model), policy=policy)
-
-    def call(st, b):
-      return step(st, b)
-  else:
-    step = make_distill_step(
-      student_model, None if precompute else teacher_model, distill, policy=policy, teacher_policy=teacher_precision
-    )
+  loss, inputs = classification_loss, ()
+  if distill is not None:
     if precompute:
       batches = precompute_teacher_logits(teacher_model, teacher_params, batches, policy=teacher_precision)
 
-    def call(st, b):
-      return step(st, None if precompute else teacher_params, b)
+    def loss(student):
+      teacher = None if precompute else teacher_model
+      return distillation_loss(student, teacher, distill, teacher_policy=teacher_precision)
 
-  times, totals = [], {}
-  for i, batch in enumerate(batches):
-    t0 = time.perf_counter()
-    state, metrics = call(state, batch)
-    metrics = jax.device_get(metrics)
-    times.append(time.perf_counter() - t0)
-    for k in ("loss_sum", "examples", "correct", "kd_sum", "ce_sum", "hidden_sum", "agree"):
-      if k in metrics:
-        totals[k] = totals.get(k, 0.0) + float(metrics[k])
-    if log_every and (i + 1) % log_every == 0:
-      parts = " ".join(
-        f"{k[:-4]} {float(metrics[k]) / float(metrics['examples']):.4f}"
-        for k in ("kd_sum", "hidden_sum")
-        if k in metrics
-      )
-      print(
-        f"    step {i + 1}/{len(batches)} loss {float(metrics['loss']):.4f} {parts} ({times[-1]:.2f}s/step)",
-        flush=True,
-      )
+    inputs = (None if precompute else teacher_params,)
+
+  def report(row):
+    if log_every and row["step"] % log_every == 0:
+      terms = " ".join(f"{k} {row[k]:.4f}" for k in ("kd", "hidden") if k in row)
+      print(f"    step {row['step']}/{len(batches)} loss {row['loss']:.4f} {terms}", flush=True)
+
+  result = fit(
+    student_model,
+    params,
+    lambda total: make_optimizer(optimizer, total),
+    batches,
+    loss=loss,
+    inputs=inputs,
+    policy=precision,
+    loop=LoopConfig(seed=seed, log_every=1, progress=False, time_steps=True),
+    on_log=report,
+  )
+  times = [seconds for _, seconds in result.stats["step_times"]]
   median = statistics.median(times[1:]) if len(times) > 1 else times[0]
+  examples = max(sum(row["examples"] for row in result.history), 1.0)
+
+  def mean(key):
+    return sum(row[key] * row["examples"] for row in result.history) / examples
+
   stats = {
     "steps": len(times),
     "train_seconds": sum(times),
     "step_median_s": median,
     "compile_seconds": max(times[0] - median, 0.0),
     "train_seconds_excl_compile": sum(times) - max(times[0] - median, 0.0),
-    "compiles": step.num_compiles,
-    "train_loss": totals["loss_sum"] / max(totals["examples"], 1.0),
-    "train_accuracy": totals["correct"] / max(totals["examples"], 1.0),
+    "compiles": result.stats["train_compiles"],
+    "train_loss": mean("loss"),
+    "train_accuracy": mean("accuracy"),
   }
-  if "agree" in totals:
-    stats["teacher_agreement"] = totals["agree"] / max(totals["examples"], 1.0)
+  if distill is not None:
+    stats["teacher_agreement"] = mean("agree")
     for k in ("kd", "ce", "hidden"):
-      stats[f"train_{k}"] = totals[f"{k}_sum"] / max(totals["examples"], 1.0)
-  return state, stats
+      stats[f"train_{k}"] = mean(k)
+  return result.state, stats
 
 
 def measure_latency(models: dict, batch, *, reps: int, warmup: int = 3) -> dict[str, float]:
@@ -207,7 +186,7 @@ def main(argv=None) -> dict:
   t_config, t_params = load_hf_bert(teacher_dir, head="classifier")
   num_labels = t_params["classifier"]["bias"].shape[0]
   teacher = BertForSequenceClassification(t_config, num_labels=num_labels)
-  tokenizer = load_tokenizer(tokenizer_path(teacher_dir, args.tokenizer))
+  tokenizer = load_tokenizer(args.tokenizer or tokenizer_path(teacher_dir))
   train_ds = load_text_classification(args.data, "train")
   end = args.train_offset + args.train_examples if args.train_examples else None
   train_ds = TextDataset(
@@ -299,86 +278,6 @@ def main(argv=None) -> dict:
   }
   write_outputs(result, Path(args.output), args.figures)
   return result
-
-
-def run_distill_finetune(args: argparse.Namespace) -> dict:
-  """``experiments.finetune --distill-from TEACHER``: a student from the teacher's layers, trained on the teacher.
-
-  Reads the fine-tune script's arguments (data, batching, epochs, lr, precision, output, export) plus
-  ``--student-layers``, ``--temperature``, ``--alpha``, ``--hidden-weight`` and ``--teacher-precision``; writes
-  ``metrics.json`` and, with ``--export``, the student as a Hugging Face folder under ``OUTPUT/hf``.
-  """
-  t_start = time.perf_counter()
-  teacher_dir = Path(args.distill_from)
-  t_config, t_params = load_hf_bert(teacher_dir, head="classifier")
-  num_labels = t_params["classifier"]["bias"].shape[0]
-  teacher = BertForSequenceClassification(t_config, num_labels=num_labels)
-  tokenizer = load_tokenizer(tokenizer_path(teacher_dir, args.model))
-  train_ds = load_text_classification(args.data, args.train_split)
-  if args.max_train_examples:
-    train_ds = train_ds.take(args.max_train_examples)
-  dev_ds = load_text_classification(args.data, args.eval_split, label_names=train_ds.label_names)
-  if len(train_ds.label_names) != num_labels:
-    raise ValueError(f"the teacher has {num_labels} labels but {args.data} has {len(train_ds.label_names)}")
-  train_ids, _ = tokenize(tokenizer, train_ds.texts, max_length=t_config.max_position_embeddings)
-  dev_ids, _ = tokenize(tokenizer, dev_ds.texts, max_length=t_config.max_position_embeddings)
-  batching = BatchingConfig(
-    strategy=args.strategy,
-    batch_size=args.batch_size,
-    num_buckets=args.num_buckets,
-    token_budget=args.token_budget,
-    row_length=args.row_length,
-  )
-  pad_id = t_config.pad_token_id
-  batches = [
-    b
-    for epoch in range(args.epochs)
-    for b in make_batches(train_ids, train_ds.labels, batching, pad_id=pad_id, seed=args.seed, epoch=epoch).batches
-  ][: args.max_steps]
-  dev_batches = make_batches(
-    dev_ids, dev_ds.labels, dataclasses.replace(batching, shuffle=False), pad_id=pad_id
-  ).batches
-  s_config, s_params = student_from_teacher(t_config, t_params, parse_layers(args.student_layers))
-  student = BertForSequenceClassification(s_config, num_labels=num_labels)
-  distill = DistillConfig(temperature=args.temperature, alpha=args.alpha, hidden_weight=args.hidden_weight)
-  optimizer = OptimizerConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio)
-  state, stats = train_student(
-    student,
-    s_params,
-    batches,
-    teacher_model=teacher,
-    teacher_params=t_params,
-    distill=distill,
-    optimizer=optimizer,
-    precision=args.precision,
-    teacher_precision=args.teacher_precision,
-    seed=args.seed,
-    log_every=0 if args.no_progress else 50,
-  )
-  params = split_params(state.params)[0]
-  dev = evaluate(make_eval_step(classification_loss(student)), params, dev_batches)
-  summary = {
-    "teacher": str(teacher_dir),
-    "student_layers": s_config.num_hidden_layers,
-    "student_params": num_params(params),
-    "teacher_params": num_params(t_params),
-    "distill": dataclasses.asdict(distill),
-    "dev_accuracy": dev["accuracy"],
-    "dev_loss": dev["loss"],
-    "wall_seconds": time.perf_counter() - t_start,
-    **stats,
-    "args": vars(args),
-  }
-  out = Path(args.output)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-  if args.export:
-    save_hf_bert(out / "hf", s_config, params, label_names=train_ds.label_names)
-  print(
-    f"student ({s_config.num_hidden_layers} layers, {summary['student_params'] / 1e6:.1f}M params) dev accuracy "
-    f"{dev['accuracy']:.4f} | {stats['steps']} steps in {stats['train_seconds']:.0f}s | metrics: {out / 'metrics.json'}"
-  )
-  return summary
 
 
 def write_outputs(result: dict, out: Path, figures: str) -> None:

@@ -35,24 +35,32 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jfast.data.bpe import END_OF_TEXT, check_vocab, save_tokenizer, train_bpe
-from jfast.data.lm import (
+from jfast.app.runs import cpu_description
+from jfast.cpu.hugepages import ensure_hugepages, tunables_set
+from jfast.data import (
   LMBatch,
-  causal_lm_loss,
+  check_vocab,
   encode_documents,
   lm_batches,
   pack_documents,
   pad_documents,
+  save_tokenizer,
   split_documents,
+  train_bpe,
 )
-from jfast.freezing import freeze, freeze_mask
-from jfast.hugepages import ensure_hugepages, tunables_set
-from jfast.models.attention import AttentionConfig
-from jfast.models.gpt import GPT, GPTConfig, init_gpt
-from jfast.models.gpt_io import save_hf_gpt2
+from jfast.data.bpe import END_OF_TEXT
+from jfast.models import GPT, GPTConfig, init_gpt, save_hf_gpt2
+from jfast.nn import AttentionConfig
+from jfast.optim import OptimizerConfig, freeze, freeze_mask, make_optimizer
 from jfast.precision import get_policy
-from jfast.runs import cpu_description
-from jfast.train import OptimizerConfig, create_train_state, make_eval_step, make_optimizer, make_train_step
+from jfast.training import (
+  LoopConfig,
+  causal_lm_loss,
+  create_train_state,
+  make_eval_step,
+  make_train_step,
+  training_loop,
+)
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -105,7 +113,7 @@ def load_corpus(path: Path, vocab: int, length: int, packing: str, out: Path):
 
 
 class JaxSide:
-  """jfast: one jitted train step (state donated), one jitted eval step."""
+  """jfast: one jitted train step (state donated) run by `jfast.training.training_loop`, one jitted eval step."""
 
   name = "jfast"
 
@@ -123,7 +131,7 @@ class JaxSide:
     loss_fn = causal_lm_loss(self.model)
     self.step_fn = make_train_step(loss_fn, policy=policy, micro_batches=args.micro_batches, freeze_mask=mask)
     self.eval_fn = make_eval_step(loss_fn)
-    self.compiled = None
+    self.compiled = self.loop = None
 
   @staticmethod
   def _opt_config(args) -> OptimizerConfig:
@@ -148,9 +156,16 @@ class JaxSide:
       "opt_state_bytes": int(sum(x.nbytes for x in leaves if hasattr(x, "nbytes"))),
     }
 
+  def start(self, batches: list[LMBatch]) -> None:
+    """The training loop over ``batches``, advanced one step per `train_step`."""
+    loop = LoopConfig(log_every=len(batches), progress=False)
+    self.loop = training_loop(self.state, self.compiled, batches, loop=loop)
+
   def train_step(self, batch: LMBatch) -> float:
-    self.state, metrics = self.compiled(self.state, batch)
-    return float(metrics["loss"])  # waits for the step: the timing is of finished work
+    del batch  # the loop holds the batches, in the order the PyTorch side gets them
+    out = next(self.loop)
+    self.state = out["state"]
+    return float(out["metrics"]["loss"])  # waits for the step: the timing is of finished work
 
   def evaluate(self, batches) -> float:
     loss_sum = targets = 0.0
@@ -322,6 +337,7 @@ def run(args) -> dict:
   report = {name: {"curve": [], "step_s": [], "losses": []} for name in sides}
   if "jfast" in sides:
     report["jfast"]["memory"] = sides["jfast"].compile(train[0])
+    sides["jfast"].start(train)
   # First step of each side, apart: it pays compilation (jfast) or allocator/thread warm-up (PyTorch).
   for name, side in sides.items():
     rss0 = _reset_peak_rss()
@@ -347,6 +363,8 @@ def run(args) -> dict:
       print(
         f"{name:8s} step {stop:5d}  train {report[name]['curve'][-1]['train_s']:7.1f}s  val {val_loss:.4f}", flush=True
       )
+  if "jfast" in sides:
+    sides["jfast"].loop.close()
   for name in sides:
     r = report[name]
     per_step = statistics.median(r["step_s"])

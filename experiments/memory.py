@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfast.cpu import compiler_options as remat_compiler_options
 from jfast.data import batch_from_rows
-from jfast.freezing import freeze, freeze_mask
 from jfast.models import BertConfig, BertForSequenceClassification
-from jfast.remat import POLICIES
-from jfast.remat import compiler_options as remat_compiler_options
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.nn import REMAT_POLICIES
+from jfast.optim import OptimizerConfig, freeze, freeze_mask, make_optimizer
+from jfast.training import LoopConfig, classification_loss, create_train_state, make_train_step, run, training_loop
 
 MODELS = {
   "minilm": BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -71,14 +71,10 @@ def measure(config: BertConfig, rows: int, length: int, *, micro_batches=1, froz
     "compile_seconds": compile_s,
   }
   if time_steps:
-    times = []
-    for i in range(time_steps + 1):
-      t = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      if i:  # the first call warms caches and allocations
-        times.append(time.perf_counter() - t)
-    out["step_seconds"] = float(np.median(times))
+    loop = LoopConfig(progress=False, time_steps=True, log_every=time_steps + 1)
+    result = run(training_loop(state, compiled, [batch] * (time_steps + 1), loop=loop))
+    # The first call warms caches and allocations.
+    out["step_seconds"] = float(np.median([seconds for _, seconds in result.stats["step_times"][1:]]))
   return out
 
 
@@ -92,7 +88,7 @@ def main(argv=None):
   p.add_argument("--time-all", action="store_true", help="time every cell, not just MiniLM at the shortest length")
   p.add_argument("--output", default="results/memory")
   args = p.parse_args(argv)
-  policies = args.policies or [n for n in POLICIES if n != "offload" or jax.default_backend() != "cpu"]
+  policies = args.policies or [n for n in REMAT_POLICIES if n != "offload" or jax.default_backend() != "cpu"]
   rows = []
 
   def record(kind, model, length, setting, **kw):

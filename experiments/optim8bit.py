@@ -29,18 +29,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.finetune import DEFAULT_DATA, default_model_path
+from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
-from jfast.loop import evaluate
 from jfast.models import init_classifier, load_hf_bert, save_hf_bert
-from jfast.optim import CODE_MAPS, codebooks, dequantize_blockwise, quantize_blockwise, state_bytes
-from jfast.train import (
+from jfast.optim import (
+  CODE_MAPS,
   OptimizerConfig,
+  codebooks,
+  dequantize_blockwise,
+  make_optimizer,
+  quantize_blockwise,
+  state_bytes,
+)
+from jfast.training import (
+  LoopConfig,
   classification_loss,
   create_train_state,
+  evaluate,
   make_eval_step,
-  make_optimizer,
   make_train_step,
+  run_together,
+  training_loop,
 )
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -116,22 +125,30 @@ def run_jfast(args, data: dict) -> tuple[list[dict], dict]:
       }
     )
     print(f"   jfast {name}: compiled in {compile_seconds:.1f}s, state {runs[-1]['opt_state_bytes'] / 2**20:.1f} MiB")
-  # Turns, one step each: a neighbour's load on a shared machine then slows both alike.
-  for i, batch in enumerate(data["train_batches"]):
-    for run in runs:
-      t = time.perf_counter()
-      run["state"], metrics = run["compiled"](run["state"], batch)
-      jax.block_until_ready(metrics)
-      run["seconds"].append(time.perf_counter() - t)
-      run["metrics"].append(metrics)
-    if (i + 1) % 20 == 0:
-      print(
-        f"   step {i + 1}/{total}: " + ", ".join(f"{r['name']} {float(r['metrics'][-1]['loss']):.3f}" for r in runs)
-      )
+  # Turns, one step each (jfast.training.run_together): a neighbour's load on a shared machine then slows both alike.
+  loop = LoopConfig(seed=args.seed, log_every=1, progress=False, time_steps=True)
+
+  def progress(name):
+    def log(row):
+      if row["step"] % 20 == 0:
+        print(f"   {name} step {row['step']}/{total}: loss {row['loss']:.3f}", flush=True)
+
+    return log
+
+  fitted = run_together(
+    *(
+      training_loop(r["state"], r["compiled"], data["train_batches"], loop=loop, on_log=progress(r["name"]))
+      for r in runs
+    )
+  )
+  for run, result in zip(runs, fitted, strict=True):
+    run["state"] = result.state
+    run["seconds"] = [seconds for _, seconds in result.stats["step_times"]]
+    run["metrics"] = result.history
   update_seconds = time_updates(runs, args.update_rounds)
   results = []
   for run in runs:
-    history = jax.device_get(run["metrics"])
+    history = run["metrics"]
     dev = evaluate(run["eval_step"], run["state"].params, data["dev_batches"])
     steady = run["seconds"][args.warmup_steps :] or run["seconds"]
     losses = [float(m["loss"]) for m in history]

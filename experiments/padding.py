@@ -21,11 +21,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.finetune import DEFAULT_DATA, default_model_path
+from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.data import STRATEGIES, BatchingConfig, load_text_classification, load_tokenizer, tokenize
-from jfast.loop import LoopConfig, fit
 from jfast.models import init_classifier, load_hf_bert
-from jfast.train import OptimizerConfig, make_optimizer
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.training import LoopConfig, fit
 
 # (train split, eval split) of each dataset folder; AG News ships a 10k subset of its train split as dev.tsv.
 SPLITS = {"sst2": ("train", "dev"), "agnews": ("dev", "test")}

@@ -60,10 +60,11 @@ def measure(model_name: str, strategy: str, args) -> dict:
   import jax
   import numpy as np
 
-  from jfast.data.batch import Batch
+  from jfast.data import Batch
   from jfast.models import BertConfig, BertForSequenceClassification
-  from jfast.sharding import make_mesh, per_device_bytes, tree_shardings
-  from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+  from jfast.optim import OptimizerConfig, make_optimizer
+  from jfast.parallel import make_mesh, per_device_bytes, tree_shardings
+  from jfast.training import classification_loss, create_train_state, make_train_step
 
   config = BertConfig(**MODELS[model_name])
   model = BertForSequenceClassification(config, num_labels=2)

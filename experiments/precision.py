@@ -27,20 +27,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from experiments.finetune import DEFAULT_DATA, default_model_path
+from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
-from jfast.loop import evaluate
 from jfast.models import init_classifier, load_hf_bert
+from jfast.optim import OptimizerConfig, make_optimizer
 from jfast.precision import get_policy
-from jfast.train import (
-  OptimizerConfig,
+from jfast.training import (
+  LoopConfig,
   classification_loss,
   create_train_state,
+  evaluate,
   make_eval_step,
-  make_optimizer,
   make_train_step,
+  run_together,
+  training_loop,
 )
 
 DEFAULT_POLICIES = "fp32,bf16,fp16,pure-bf16"
@@ -179,18 +180,10 @@ def setup_policy(name: str, args, data: dict) -> dict:
   }
 
 
-def train_step(run: dict, batch) -> None:
-  t = time.perf_counter()
-  run["state"], metrics = run["compiled"](run["state"], batch)
-  jax.block_until_ready(metrics)
-  run["step_seconds"].append(time.perf_counter() - t)
-  run["history"].append(metrics)
-
-
 def finish_policy(run: dict, args, data: dict) -> dict:
   """Evaluates one trained policy and summarises its run."""
   state, memory = run["state"], run["memory"]
-  history = jax.device_get(run["history"])
+  history = run["history"]
   dev = evaluate(run["eval_step"], state.params, data["dev_batches"])
   steady = run["step_seconds"][args.warmup_steps :] or run["step_seconds"]
   last = history[-max(1, len(history) // 10) :]
@@ -298,16 +291,20 @@ def main(argv=None) -> dict:
     "args": vars(args),
   }
   runs = [setup_policy(name, args, data) for name in names]
-  # The policies take turns, one step each: a neighbour's load on a shared machine then slows them alike, where
-  # running them one after another would hand whichever ran in a quiet minute a speed-up it did not earn.
-  for epoch in range(args.epochs):
-    batches = data["train_batches"]
-    if epoch:
-      batches = make_batches(*data["train"], data["batching"], pad_id=data["pad_id"], seed=args.seed, epoch=epoch)
-      batches = batches.batches
-    for batch in tqdm(batches, desc=f"epoch {epoch}", unit="step", disable=None):
-      for run in runs:
-        train_step(run, batch)
+  # The policies take turns, one step each (jfast.training.run_together): a neighbour's load on a shared machine
+  # then slows them alike, where running them one after another would hand whichever ran in a quiet minute a
+  # speed-up it did not earn.
+  loop = LoopConfig(epochs=args.epochs, seed=args.seed, log_every=1, progress=False, time_steps=True)
+
+  def epoch_batches(epoch):
+    if epoch == 0:
+      return data["train_batches"]
+    return make_batches(*data["train"], data["batching"], pad_id=data["pad_id"], seed=args.seed, epoch=epoch).batches
+
+  fitted = run_together(*(training_loop(r["state"], r["compiled"], epoch_batches, loop=loop) for r in runs))
+  for run, result in zip(runs, fitted, strict=True):
+    run["state"], run["history"] = result.state, result.history
+    run["step_seconds"] = [seconds for _, seconds in result.stats["step_times"]]
   results = []
   for run in runs:
     results.append(finish_policy(run, args, data))

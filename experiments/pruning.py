@@ -27,26 +27,25 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.finetune import DEFAULT_DATA, default_model_path
 from experiments.teacher import ensure_teacher
-from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
-from jfast.data.padding import dynamic_pad
-from jfast.loop import LoopConfig, evaluate, fit
-from jfast.models import BertForSequenceClassification, load_hf_bert
-from jfast.pruning import (
+from jfast.app.finetune import DEFAULT_DATA, default_model_path
+from jfast.compress import (
   PruningSchedule,
   apply_mask,
-  count_params,
   gradient_importance,
   gradual_pruning,
   keep_pruned,
   magnitude_importance,
   magnitude_mask,
+  num_params,
   select,
   shrink,
   sparsity,
 )
-from jfast.train import OptimizerConfig, classification_loss, make_eval_step, make_optimizer
+from jfast.data import BatchingConfig, dynamic_pad, load_text_classification, load_tokenizer, make_batches, tokenize
+from jfast.models import BertForSequenceClassification, load_hf_bert
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.training import LoopConfig, classification_loss, evaluate, fit, make_eval_step
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "runs" / "teacher" / "hf"
 
@@ -109,7 +108,7 @@ def apply_pruning_args(args, model, params, model_path, train, pad_id):
       raise ValueError(f"unknown --prune-importance {args.prune_importance!r}; expected gradient or magnitude")
     config, params = shrink(model.config, params, select(scores, heads=args.prune_heads, neurons=args.prune_neurons))
     model = model.clone(config=config)
-    print(f"shrunk to {count_params(params):,} parameters; heads per layer {config.layer_num_heads}", flush=True)
+    print(f"shrunk to {num_params(params):,} parameters; heads per layer {config.layer_num_heads}", flush=True)
   if not args.sparsity:
     return model, params, lambda tx, total: tx
   if args.gradual:
@@ -202,8 +201,8 @@ def main(argv=None) -> dict:
   results: dict = {"model": args.model, "args": vars(args), "devices": [str(d) for d in jax.devices()]}
   results["threads"] = os.cpu_count()
   dense_acc = evaluator(config, params)
-  results["dense"] = {"dev_accuracy": dense_acc, "params": count_params(params)}
-  print(f"dense: dev accuracy {dense_acc:.4f}, {count_params(params):,} parameters", flush=True)
+  results["dense"] = {"dev_accuracy": dense_acc, "params": num_params(params)}
+  print(f"dense: dev accuracy {dense_acc:.4f}, {num_params(params):,} parameters", flush=True)
 
   results["one_shot"] = [{"sparsity": 0.0, "measured_sparsity": 0.0, "dev_accuracy": dense_acc}]
   for s in [s for s in _floats(args.sweep) if s > 0]:
@@ -251,8 +250,8 @@ def main(argv=None) -> dict:
         importance=args.importance,
         layer_num_heads=small_config.layer_num_heads,
         layer_intermediate_sizes=small_config.layer_intermediate_sizes,
-        params=count_params(small_params),
-        encoder_layer_params=count_params({k: v for k, v in small_params["bert"].items() if "layer" in k}),
+        params=num_params(small_params),
+        encoder_layer_params=num_params({k: v for k, v in small_params["bert"].items() if "layer" in k}),
         dev_accuracy_before=row[f"dev_accuracy_before_{args.importance}"],
       )
 
@@ -270,7 +269,7 @@ def main(argv=None) -> dict:
         f"{row['dev_accuracy_before']:.4f} -> {acc:.4f} after {steps} recovery steps",
         flush=True,
       )
-    results["dense"]["encoder_layer_params"] = count_params({k: v for k, v in params["bert"].items() if "layer" in k})
+    results["dense"]["encoder_layer_params"] = num_params({k: v for k, v in params["bert"].items() if "layer" in k})
 
   results["latency"], results["latency_batch_shape"] = {}, None
   order = np.arange(len(dev_ids))[: args.latency_batch if args.latency_rounds else 0]

@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.teacher import ensure_teacher
-from jfast import quant
+from jfast import compress as quant
 from jfast.data import Batch, BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.models import BertForSequenceClassification, load_hf_bert
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.optim import OptimizerConfig, make_optimizer, state_bytes
+from jfast.training import LoopConfig, classifier_logits, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -63,7 +64,7 @@ def tokenizer_folder(model_path: str) -> str:
   """The model folder if it holds a tokenizer, else all-MiniLM-L6-v2's (an exported fine-tune has only weights)."""
   if (Path(model_path) / "tokenizer.json").is_file() or (Path(model_path) / "vocab.txt").is_file():
     return model_path
-  from experiments.finetune import default_model_path
+  from jfast.app.finetune import default_model_path
 
   return default_model_path()
 
@@ -91,17 +92,7 @@ def on_device(params):
 def forward_fn(model):
   """A jitted ``(params, batch) -> logits [B, S, C]`` inference function."""
 
-  @jax.jit
-  def logits(params, batch):
-    return model.apply(
-      {"params": params},
-      batch.input_ids,
-      segment_ids=batch.segment_ids,
-      position_ids=batch.position_ids,
-      cls_positions=batch.cls_positions,
-    )
-
-  return logits
+  return jax.jit(lambda params, batch: classifier_logits(model, params, batch))
 
 
 def accuracy(fn, params, batches) -> float:
@@ -172,8 +163,8 @@ def quantized_weight_bytes(params, qparams) -> tuple[int, int]:
     node_f, node_q = params, qparams
     for key in path:
       node_f, node_q = node_f[key], node_q[key]
-    before += quant.tree_bytes(node_f["kernel"])
-    after += quant.tree_bytes([node_q["kernel"], node_q["kernel_scale"]])
+    before += state_bytes(node_f["kernel"])
+    after += state_bytes([node_q["kernel"], node_q["kernel_scale"]])
   return before, after
 
 
@@ -186,14 +177,15 @@ def train_batches(data: Data, start: int, count: int, batch_size: int, seed: int
 
 def fine_tune(model, params, batches: list[Batch], lr: float, seed: int = 0):
   """A short fine-tune (AdamW, warm-up and linear decay) over ``batches``; returns the new params and seconds."""
-  tx = make_optimizer(OptimizerConfig(learning_rate=lr), total_steps=len(batches))
-  state = create_train_state(model, params, tx, seed)
-  step = make_train_step(classification_loss(model))
   t = time.perf_counter()
-  for b in batches:
-    state, _ = step(state, b)
-  jax.block_until_ready(state.params)
-  return state.params, time.perf_counter() - t
+  result = fit(
+    model,
+    params,
+    lambda total: make_optimizer(OptimizerConfig(learning_rate=lr), total),
+    batches,
+    loop=LoopConfig(seed=seed, progress=False, log_every=max(len(batches), 1)),
+  )
+  return result.state.params, time.perf_counter() - t
 
 
 # ---------------------------------------------------------------- matmul micro-benchmark (one XLA flag set per process)
@@ -323,7 +315,7 @@ def main(argv=None) -> dict:
     results[name] = {
       "dev_accuracy": accuracy(fn, p, data.dev),
       "disk_mb": size / 1e6,
-      "param_mb": quant.tree_bytes(p) / 1e6,
+      "param_mb": state_bytes(p) / 1e6,
       "compile_s": compile_s,
     }
     print(f"{name}: dev accuracy {results[name]['dev_accuracy']:.4f}, {size / 1e6:.1f} MB", flush=True)

@@ -1,7 +1,7 @@
 """The fine-tuned MiniLM that pruning, distillation, quantization and compression start from.
 
 Those experiments read a fine-tuned classifier from ``runs/teacher/hf`` by default, which a fresh clone does not
-have. `ensure_teacher` makes it on first use by running the README's main job with ``--export`` (all-MiniLM-L6-v2
+have. `ensure_teacher` makes it on first use by running the README's main job (`jfast.app.finetune`) with ``--export`` (all-MiniLM-L6-v2
 fine-tuned one epoch on 40,000 SST-2 sentences, packed: about 7 minutes on 2 CPU cores, 88.4% dev accuracy), so
 ``jfast experiment distill`` works from a fresh clone; a folder the user names must exist.
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from jfast.app import finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "runs" / "teacher" / "hf"
@@ -42,8 +44,6 @@ def ensure_teacher(folder: str | Path, data: str | None = None) -> Path:
       f"no fine-tuned model at {folder} (config.json missing); pass a Hugging Face BERT classifier folder, or "
       f"leave the default and the teacher is made at {DEFAULT_TEACHER}"
     )
-  from experiments import finetune
-
   print(
     f"no teacher at {folder}: fine-tuning all-MiniLM-L6-v2 on SST-2 first (the README's main job with --export, "
     "about 7 minutes on 2 CPU cores)",

@@ -1,112 +1,101 @@
-"""jfast: fast, memory-lean Transformer training in JAX/Flax. The flat public API lives here."""
+"""jfast: fast, memory-lean Transformer training in JAX/Flax. The flat public API lives here.
 
-from jfast import optim
-from jfast.attention import AttentionConfig, blockwise_attention, sliding_window_attention
-from jfast.checkpoint import Checkpointer
-from jfast.clipping import clip_by_global_norm
-from jfast.data import Batch, BatchingConfig, make_batches, padding_efficiency
-from jfast.distill import DistillConfig, TeacherBatch, make_distill_step, student_from_teacher
-from jfast.loop import FitResult, LoopConfig, evaluate, fit
-from jfast.loss_scale import (
-  DynamicLossScale,
-  NoOpLossScale,
-  StaticLossScale,
-  all_finite,
-  get_loss_scale,
-  resolve_loss_scale,
-  select_tree,
-)
-from jfast.models import BertConfig, BertForSequenceClassification, BertModel, load_hf_bert, save_hf_bert
-from jfast.models.bert import extend_position_embeddings
-from jfast.models.gpt import GPT, GPTConfig, generate
-from jfast.models.gpt_io import load_hf_gpt2, save_hf_gpt2
-from jfast.optim import adamw_8bit, state_bytes
-from jfast.precision import Policy, get_policy, mixed_dot_general
-from jfast.pruning import PruningSchedule, gradual_pruning, keep_pruned, magnitude_mask, shrink
-from jfast.quant import QuantDense, calibrate, load_quantized, quantize, save_quantized
-from jfast.remat import REMAT_POLICIES, remat_policy
-from jfast.row_sparse import RowSparseEmbedding, row_sparse_adamw, row_sparse_embedding
-from jfast.sharding import ShardingRules, make_mesh, shard_batch, tree_shardings
-from jfast.train import (
-  CompiledStep,
-  OptimizerConfig,
-  TrainState,
-  classification_loss,
-  create_train_state,
-  make_eval_step,
-  make_optimizer,
-  make_train_step,
-)
+Every name is imported from its package on first use (`jfast._lazy`), so ``import jfast`` is cheap; the packages are
+``jfast.data``, ``nn``, ``models``, ``precision``, ``optim``, ``training``, ``compress``, ``parallel``, ``cpu`` and
+``app`` (docs/architecture.md).
+"""
+
+from jfast._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-  "GPT",
-  "REMAT_POLICIES",
-  "AttentionConfig",
-  "Batch",
-  "BatchingConfig",
-  "BertConfig",
-  "BertForSequenceClassification",
-  "BertModel",
-  "Checkpointer",
-  "CompiledStep",
-  "DistillConfig",
-  "DynamicLossScale",
-  "FitResult",
-  "GPTConfig",
-  "LoopConfig",
-  "NoOpLossScale",
-  "OptimizerConfig",
-  "Policy",
-  "PruningSchedule",
-  "QuantDense",
-  "RowSparseEmbedding",
-  "ShardingRules",
-  "StaticLossScale",
-  "TeacherBatch",
-  "TrainState",
-  "adamw_8bit",
-  "all_finite",
-  "blockwise_attention",
-  "calibrate",
-  "classification_loss",
-  "clip_by_global_norm",
-  "create_train_state",
-  "evaluate",
-  "extend_position_embeddings",
-  "fit",
-  "generate",
-  "get_loss_scale",
-  "get_policy",
-  "gradual_pruning",
-  "keep_pruned",
-  "load_hf_bert",
-  "load_hf_gpt2",
-  "load_quantized",
-  "magnitude_mask",
-  "make_batches",
-  "make_distill_step",
-  "make_eval_step",
-  "make_mesh",
-  "make_optimizer",
-  "make_train_step",
-  "mixed_dot_general",
-  "optim",
-  "padding_efficiency",
-  "quantize",
-  "remat_policy",
-  "resolve_loss_scale",
-  "row_sparse_adamw",
-  "row_sparse_embedding",
-  "save_hf_bert",
-  "save_hf_gpt2",
-  "save_quantized",
-  "select_tree",
-  "shard_batch",
-  "shrink",
-  "sliding_window_attention",
-  "state_bytes",
-  "student_from_teacher",
-  "tree_shardings",
-]
+_EXPORTS = {
+  # data
+  "Batch": "jfast.data.batch",
+  "BatchingConfig": "jfast.data.batching",
+  "make_batches": "jfast.data.batching",
+  "padding_efficiency": "jfast.data.padding",
+  # nn
+  "AttentionConfig": "jfast.nn.attention_config",
+  "blockwise_attention": "jfast.nn.attention",
+  "sliding_window_attention": "jfast.nn.attention",
+  "QuantDense": "jfast.nn.quant_dense",
+  "REMAT_POLICIES": "jfast.nn.remat",
+  "remat_policy": "jfast.nn.remat",
+  # models
+  "BertConfig": "jfast.models.bert",
+  "BertForSequenceClassification": "jfast.models.bert",
+  "BertModel": "jfast.models.bert",
+  "extend_position_embeddings": "jfast.models.bert",
+  "load_hf_bert": "jfast.models.bert_io",
+  "save_hf_bert": "jfast.models.bert_io",
+  "GPT": "jfast.models.gpt",
+  "GPTConfig": "jfast.models.gpt",
+  "generate": "jfast.models.gpt",
+  "load_hf_gpt2": "jfast.models.gpt_io",
+  "save_hf_gpt2": "jfast.models.gpt_io",
+  "nnx_split": "jfast.models.nnx",
+  # precision
+  "Policy": "jfast.precision.policy",
+  "get_policy": "jfast.precision.policy",
+  "DynamicLossScale": "jfast.precision.loss_scale",
+  "NoOpLossScale": "jfast.precision.loss_scale",
+  "StaticLossScale": "jfast.precision.loss_scale",
+  "all_finite": "jfast.precision.loss_scale",
+  "get_loss_scale": "jfast.precision.loss_scale",
+  "resolve_loss_scale": "jfast.precision.loss_scale",
+  "select_tree": "jfast.precision.loss_scale",
+  # optim
+  "optim": "jfast.optim",
+  "OptimizerConfig": "jfast.optim.recipe",
+  "make_optimizer": "jfast.optim.recipe",
+  "adamw_8bit": "jfast.optim.adamw8bit",
+  "state_bytes": "jfast.optim.adamw8bit",
+  "clip_by_global_norm": "jfast.optim.clipping",
+  "freeze": "jfast.optim.freezing",
+  "freeze_mask": "jfast.optim.freezing",
+  # training
+  "TrainState": "jfast.training.state",
+  "create_train_state": "jfast.training.state",
+  "CompiledStep": "jfast.training.step",
+  "make_train_step": "jfast.training.step",
+  "make_eval_step": "jfast.training.step",
+  "classification_loss": "jfast.training.losses",
+  "causal_lm_loss": "jfast.training.losses",
+  "multi_steps": "jfast.training.accumulation",
+  "Checkpointer": "jfast.training.checkpoint",
+  "FitResult": "jfast.training.loop",
+  "LoopConfig": "jfast.training.loop",
+  "evaluate": "jfast.training.loop",
+  "fit": "jfast.training.loop",
+  "training_loop": "jfast.training.loop",
+  # compress
+  "DistillConfig": "jfast.compress.distillation",
+  "TeacherBatch": "jfast.compress.distillation",
+  "distillation_loss": "jfast.compress.distillation",
+  "make_distill_step": "jfast.compress.distillation",
+  "student_from_teacher": "jfast.compress.student",
+  "PruningSchedule": "jfast.compress.gradual_pruning",
+  "gradual_pruning": "jfast.compress.gradual_pruning",
+  "keep_pruned": "jfast.compress.gradual_pruning",
+  "magnitude_mask": "jfast.compress.pruning_masks",
+  "shrink": "jfast.compress.structured_pruning",
+  "calibrate": "jfast.compress.quantization",
+  "quantize": "jfast.compress.quantization",
+  "load_quantized": "jfast.compress.quant_io",
+  "save_quantized": "jfast.compress.quant_io",
+  # parallel
+  "ShardingRules": "jfast.parallel.sharding",
+  "make_mesh": "jfast.parallel.sharding",
+  "shard_batch": "jfast.parallel.sharding",
+  "tree_shardings": "jfast.parallel.sharding",
+  # cpu
+  "mixed_dot_general": "jfast.cpu.dots",
+  "RowSparseEmbedding": "jfast.cpu.row_sparse",
+  "row_sparse_adamw": "jfast.cpu.row_sparse",
+  "row_sparse_embedding": "jfast.cpu.row_sparse",
+}
+_PACKAGES = ("data", "nn", "models", "precision", "training", "compress", "parallel", "cpu", "app")
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, {**_EXPORTS, **{p: f"jfast.{p}" for p in _PACKAGES}})

@@ -14,10 +14,10 @@ import numpy as np
 import optax
 from test_distill import TINY, _packed_and_unpacked
 
-from jfast.distill import DistillConfig, make_distill_step, student_from_teacher
-from jfast.models.bert import BertForSequenceClassification
-from jfast.sharding import make_mesh
-from jfast.train import create_train_state
+from jfast.compress import DistillConfig, make_distill_step, student_from_teacher
+from jfast.models import BertForSequenceClassification
+from jfast.parallel import make_mesh
+from jfast.training import create_train_state
 
 cfg = TINY.replace(vocab_size=96)  # divisible by the tensor axis
 model = BertForSequenceClassification(cfg, num_labels=2)

@@ -20,13 +20,11 @@ import sys
 import jax
 import numpy as np
 
-from jfast import distributed
-from jfast.checkpoint import Checkpointer
 from jfast.data import BatchingConfig, make_batches
-from jfast.loop import LoopConfig, fit
 from jfast.models import BertConfig, BertForSequenceClassification
-from jfast.sharding import abstract_tree, make_mesh
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.parallel import abstract_tree, distributed, make_mesh
+from jfast.training import Checkpointer, LoopConfig, classification_loss, create_train_state, fit, make_train_step
 
 CONFIG = BertConfig(
   vocab_size=512,

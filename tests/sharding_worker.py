@@ -20,18 +20,12 @@ import time
 import jax
 import numpy as np
 
-from jfast.checkpoint import Checkpointer
-from jfast.data.batch import Batch
+from jfast.cpu import row_sparse_embedding
+from jfast.data import Batch
 from jfast.models import BertConfig, BertForSequenceClassification
-from jfast.row_sparse import row_sparse_embedding
-from jfast.sharding import abstract_tree, make_mesh, per_device_bytes
-from jfast.train import (
-  OptimizerConfig,
-  classification_loss,
-  create_train_state,
-  make_optimizer,
-  make_train_step,
-)
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.parallel import abstract_tree, make_mesh, per_device_bytes
+from jfast.training import Checkpointer, classification_loss, create_train_state, make_train_step
 
 STEPS = 3
 CONFIG = BertConfig(
@@ -170,7 +164,7 @@ def main() -> dict:
   for name, axes in (("fsdp8", dict(data=1, fsdp=8)), ("data4_tensor2", dict(data=4, tensor=2))):
     mesh = make_mesh(**axes)
     state = create_train_state(model, params, tx_rows, mesh=mesh)
-    step = make_train_step(loss_fn, mesh=mesh, row_sparse=row_sparse_embedding(model))
+    step = make_train_step(loss_fn, mesh=mesh, row_sparse=row_sparse_embedding(model, classification_loss))
     losses = []
     for batch in batches[:STEPS]:
       state, metrics = step(state, batch)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfast.activations import ACTIVATIONS, gelu
+from jfast.nn import ACTIVATIONS, gelu
 
 _erf = np.vectorize(math.erf)
 

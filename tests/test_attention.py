@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jfast.attention as attention_module
-import jfast.sparse_attention as sparse_attention_module
-from jfast.attention import (
+import jfast.nn.attention as attention_module
+import jfast.nn.sparse_attention as sparse_attention_module
+from jfast.models import BertConfig, BertModel, extend_position_embeddings
+from jfast.nn import (
   Attention,
   AttentionConfig,
   blockwise_attention,
@@ -17,7 +18,6 @@ from jfast.attention import (
   explicit_mask,
   sliding_window_attention,
 )
-from jfast.models.bert import BertConfig, BertModel, extend_position_embeddings
 
 B, L, H, D = 2, 53, 3, 16
 
@@ -301,7 +301,7 @@ def test_positions_beyond_the_table_need_an_extension():
 
 def test_real_minilm_sparse_kinds_and_long_inputs(minilm_path, sst2_dev_sentences, tokenizer):
   from jfast.data import tokenize
-  from jfast.models.hf_io import load_hf_bert
+  from jfast.models import load_hf_bert
   from tests.conftest import padded
 
   config, params = load_hf_bert(minilm_path)

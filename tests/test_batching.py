@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from jfast.data.batching import STRATEGIES, BatchingConfig, make_batches, token_budget_rows
-from jfast.data.padding import choose_buckets, padding_efficiency
+from jfast.data import STRATEGIES, BatchingConfig, choose_buckets, make_batches, padding_efficiency
+from jfast.data.batching import token_budget_rows
 
 PAD = 0
 SST2_TRAIN = "/work/shared/data/sst2/train.tsv"

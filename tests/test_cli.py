@@ -8,12 +8,12 @@ import json
 import pytest
 import yaml
 
-from jfast import cli
-from jfast.config import ConfigError, describe, field_names, load_config, save_config, to_dict
+from jfast.app import cli
+from jfast.app.config import ConfigError, describe, field_names, load_config, save_config, to_dict
+from jfast.app.report import build_report, markdown_to_html
+from jfast.app.runs import RunDir, describe_cpu, latest_runs, read_metrics
 from jfast.data import BatchingConfig
-from jfast.report import build_report, markdown_to_html
-from jfast.runs import RunDir, describe_cpu, latest_runs, read_metrics
-from jfast.train import OptimizerConfig
+from jfast.optim import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +181,8 @@ def test_markdown_to_html_tables_and_headings():
 
 
 def test_finetune_config_keys_map_to_the_scripts_flags_with_the_same_defaults():
-  from experiments import finetune
-  from experiments.finetune_config import FLAGS, FinetuneConfig, to_argv
+  from jfast.app import finetune
+  from jfast.app.finetune_config import FLAGS, FinetuneConfig, to_argv
 
   assert set(FLAGS) == set(field_names(FinetuneConfig)) - {"name"}
   defaults = vars(finetune.parse_args([]))
@@ -220,7 +220,8 @@ def test_a_missing_model_folder_is_an_error_not_a_traceback(tmp_path, capsys):
 
 
 def test_the_default_teacher_is_made_only_when_it_is_the_default(tmp_path, monkeypatch):
-  from experiments import finetune, teacher
+  from experiments import teacher
+  from jfast.app import finetune
 
   made = []
   monkeypatch.setattr(teacher, "DEFAULT_TEACHER", (tmp_path / "teacher" / "hf").resolve())
@@ -259,7 +260,7 @@ def test_parallel_gets_its_simulated_devices_even_after_jax_started(tmp_path, mo
 
 
 def test_training_commands_and_the_lm_experiment_take_huge_pages():
-  from jfast.cli import build_parser, wants_hugepages
+  from jfast.app.cli import build_parser, wants_hugepages
 
   def wants(*words):
     return wants_hugepages(build_parser().parse_args(list(words)))

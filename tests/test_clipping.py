@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jfast.clipping import clip_by_global_norm
+from jfast.optim import clip_by_global_norm
 
 
 def _tree(seed, scale):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,24 +11,28 @@ import numpy as np
 import optax
 import pytest
 
-from jfast.data import BatchingConfig, make_batches
-from jfast.distill import (
+from jfast.compress import (
   DistillConfig,
   TeacherBatch,
-  attention_map_loss,
-  attention_probs,
   distill_params,
   distillation_loss,
   fresh_student,
-  hidden_state_loss,
   make_distill_step,
   precompute_teacher_logits,
-  soft_target_loss,
   split_params,
   student_from_teacher,
 )
-from jfast.models.bert import BertConfig, BertForSequenceClassification
-from jfast.train import classification_loss, create_train_state, make_train_step
+from jfast.data import BatchingConfig, make_batches
+from jfast.models import BertConfig, BertForSequenceClassification
+from jfast.training import (
+  attention_map_loss,
+  attention_probs,
+  classification_loss,
+  create_train_state,
+  hidden_state_loss,
+  make_train_step,
+  soft_target_loss,
+)
 
 TINY = BertConfig(
   vocab_size=97,
@@ -204,7 +209,7 @@ def test_alpha_zero_is_hard_label_training_and_teacher_gets_no_gradient(teacher)
   jax.tree.map(np.testing.assert_array_equal, t_params, before)
 
   def loss(sp, tp):
-    return distillation_loss(student, t_model, config, tp)(sp, packed, None, True)[0]
+    return distillation_loss(student, t_model, config)(sp, packed, None, True, tp)[0]
 
   s_grads, t_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(s_params, t_params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(t_grads))
@@ -218,7 +223,9 @@ def test_packed_equals_unpacked_and_precomputed_equals_in_step(teacher):
   student = BertForSequenceClassification(s_config, num_labels=2)
   packed, unpacked = _packed_and_unpacked()
   config = DistillConfig(alpha=0.5, temperature=2.0, hidden_weight=0.5, attention_weight=0.5)
-  loss_fn = jax.jit(distillation_loss(student, t_model, config, t_params), static_argnums=3)
+  loss_fn = jax.jit(
+    functools.partial(distillation_loss(student, t_model, config), teacher_params=t_params), static_argnums=3
+  )
   loss_p, aux_p = loss_fn(s_params, packed, None, True)
   loss_u, aux_u = loss_fn(s_params, unpacked, None, True)
   assert float(aux_p["kd_sum"]) > 1e-3 and float(aux_p["hidden_sum"]) > 1e-3 and float(aux_p["attention_sum"]) > 1e-3

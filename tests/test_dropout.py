@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfast.dropout import Dropout, dropout, keep_mask
+from jfast.nn import Dropout, keep_mask
+from jfast.nn.dropout import dropout
 
 
 def _np_mix(x):

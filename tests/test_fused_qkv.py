@@ -97,9 +97,9 @@ def test_quantized_layers_stay_apart():
 
 def test_calibration_and_distillation_read_each_projection_of_a_fused_model():
   # Both read the query/key/value layers' own inputs or outputs, which a fused model does not call one by one.
-  from jfast import quant
+  from jfast import compress as quant
+  from jfast.compress.distillation import _forward
   from jfast.data import batch_from_rows
-  from jfast.distill import _forward
 
   rng = np.random.default_rng(5)
   seqs = [rng.integers(1, SMALL.vocab_size, rng.integers(4, 25)) for _ in range(5)]

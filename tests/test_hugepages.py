@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from jfast import hugepages
-from jfast.hugepages import RETAIN, TUNABLE, ensure_hugepages, hugepage_env, hugepages_supported, tunables_set
+from jfast.cpu import hugepages
+from jfast.cpu.hugepages import RETAIN, TUNABLE, ensure_hugepages, hugepage_env, hugepages_supported, tunables_set
 
 
 def test_env_keeps_other_tunables_and_replaces_an_old_setting():
@@ -24,13 +24,15 @@ def test_reexecutes_once_with_the_original_command(monkeypatch):
   calls = []
   monkeypatch.setattr(hugepages, "hugepages_supported", lambda: True)
   monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
-  monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "experiments.finetune", "--max-steps", "3"])
+  monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "jfast.app.finetune", "--max-steps", "3"])
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(hugepages, "cpu_backend", lambda: True)
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   monkeypatch.delenv("JFAST_HUGEPAGES", raising=False)
   ensure_hugepages()
   assert len(calls) == 1
   exe, argv, env = calls[0]
-  assert exe == sys.executable and argv == [sys.executable, "-m", "experiments.finetune", "--max-steps", "3"]
+  assert exe == sys.executable and argv == [sys.executable, "-m", "jfast.app.finetune", "--max-steps", "3"]
   assert TUNABLE in env["GLIBC_TUNABLES"]
   # Already set (the re-executed process), switched off, or unsupported: no second exec.
   monkeypatch.setenv("GLIBC_TUNABLES", TUNABLE)
@@ -42,6 +44,20 @@ def test_reexecutes_once_with_the_original_command(monkeypatch):
   monkeypatch.setattr(hugepages, "hugepages_supported", lambda: False)
   ensure_hugepages()
   assert len(calls) == 1
+  # A GPU or TPU backend: host allocations hold no step's buffers, so the process is left as it is.
+  monkeypatch.setattr(hugepages, "hugepages_supported", lambda: True)
+  monkeypatch.setattr(hugepages, "cpu_backend", lambda: False)
+  ensure_hugepages()
+  assert len(calls) == 1
+
+
+def test_backend_is_read_without_importing_jax():
+  assert hugepages.cpu_backend({"JAX_PLATFORMS": "cpu"}) is True
+  assert hugepages.cpu_backend({"JAX_PLATFORMS": "cuda,cpu"}) is False
+  assert hugepages.cpu_backend({"JAX_PLATFORMS": "tpu"}) is False
+  code = "import sys; from jfast.cpu import hugepages; hugepages.cpu_backend({}); print('jax' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
 
 
 _PROBE = """

@@ -9,17 +9,18 @@ import optax
 import pytest
 import transformers
 
-from jfast.data.bpe import END_OF_TEXT, save_tokenizer, train_bpe
-from jfast.data.lm import (
-  causal_lm_loss,
+from jfast.data import (
   encode_documents,
   lm_batches,
   pack_documents,
   pad_documents,
+  save_tokenizer,
   split_documents,
+  train_bpe,
 )
-from jfast.models.gpt import GPTConfig, init_gpt
-from jfast.train import create_train_state, make_train_step
+from jfast.data.bpe import END_OF_TEXT
+from jfast.models import GPTConfig, init_gpt
+from jfast.training import causal_lm_loss, create_train_state, make_train_step
 
 
 @pytest.fixture(scope="module")

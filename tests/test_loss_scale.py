@@ -9,8 +9,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jfast.checkpoint import Checkpointer
-from jfast.loss_scale import (
+from jfast.precision import (
   DynamicLossScale,
   NoOpLossScale,
   StaticLossScale,
@@ -19,7 +18,7 @@ from jfast.loss_scale import (
   resolve_loss_scale,
   select_tree,
 )
-from jfast.train import create_train_state, make_train_step
+from jfast.training import Checkpointer, create_train_state, make_train_step
 
 FINITE, OVERFLOW = jnp.bool_(True), jnp.bool_(False)
 # Every hyper-parameter away from its default, so a field that falls back to its default on a round trip shows.

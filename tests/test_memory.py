@@ -7,13 +7,20 @@ import numpy as np
 import optax
 import pytest
 
-from jfast.accumulation import accumulate_gradients, multi_steps, split_micro_batches
+from jfast.cpu import compiler_options as remat_compiler_options
 from jfast.data import BatchingConfig, batch_from_rows, make_batches, tokenize
-from jfast.freezing import freeze, freeze_mask, merge, split
 from jfast.models import BertConfig, BertForSequenceClassification
-from jfast.remat import POLICIES
-from jfast.remat import compiler_options as remat_compiler_options
-from jfast.train import classification_loss, create_train_state, make_train_step
+from jfast.nn import REMAT_POLICIES
+from jfast.optim import freeze, freeze_mask
+from jfast.optim.freezing import merge, split
+from jfast.training import (
+  accumulate_gradients,
+  classification_loss,
+  create_train_state,
+  make_train_step,
+  multi_steps,
+  split_micro_batches,
+)
 
 SMALL = BertConfig(
   vocab_size=30522,
@@ -44,7 +51,7 @@ def _assert_trees_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("none", "offload")])
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p not in ("none", "offload")])
 def test_every_remat_policy_matches_none(policy, real_batch):
   base = BertForSequenceClassification(SMALL, num_labels=2)
   params = _params(base, real_batch)
@@ -162,7 +169,7 @@ def test_frozen_parameters_keep_no_state_and_do_not_move(real_batch):
 
 
 def _state_and_step(model, params, tx, **step_kwargs):
-  from jfast.train import create_train_state, make_train_step
+  from jfast.training import create_train_state, make_train_step
 
   return create_train_state(model, params, tx), make_train_step(classification_loss(model), **step_kwargs)
 

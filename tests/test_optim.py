@@ -11,22 +11,22 @@ import numpy as np
 import optax
 import pytest
 
-from jfast import freezing
-from jfast.checkpoint import Checkpointer
 from jfast.data import batch_from_rows, tokenize
 from jfast.models import BertConfig, BertForSequenceClassification
 from jfast.optim import (
   CODE_MAPS,
   CodeBook,
+  OptimizerConfig,
   adamw_8bit,
-  block_layout,
   codebooks,
   dequantize_blockwise,
-  dynamic_map,
+  freezing,
+  make_optimizer,
   quantize_blockwise,
   state_bytes,
 )
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.optim.adamw8bit import block_layout, dynamic_map
+from jfast.training import Checkpointer, classification_loss, create_train_state, make_train_step
 
 TINY = BertConfig(
   vocab_size=30522,

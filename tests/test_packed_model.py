@@ -10,7 +10,7 @@ import optax
 
 from jfast.data import BatchingConfig, make_batches, tokenize
 from jfast.models import BertConfig, BertForSequenceClassification, init_classifier, load_hf_bert
-from jfast.train import classification_loss, create_train_state, make_train_step
+from jfast.training import classification_loss, create_train_state, make_train_step
 
 TINY = BertConfig(
   vocab_size=30522,

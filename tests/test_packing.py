@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from jfast.data.packing import batches_from_packed, first_fit_decreasing, pack_sequences
+from jfast.data import pack_sequences
+from jfast.data.packing import batches_from_packed, first_fit_decreasing
 
 PAD = 0
 SST2_TRAIN = "/work/shared/data/sst2/train.tsv"

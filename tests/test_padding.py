@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from jfast.data.batch import batch_from_rows
-from jfast.data.padding import (
-  as_sequences,
-  bucket_pad,
-  choose_buckets,
-  dynamic_pad,
-  fixed_pad,
-  padding_efficiency,
-)
+from jfast.data import batch_from_rows, bucket_pad, choose_buckets, dynamic_pad, fixed_pad, padding_efficiency
+from jfast.data.padding import as_sequences
 
 PAD = 0
 SST2_TRAIN = "/work/shared/data/sst2/train.tsv"

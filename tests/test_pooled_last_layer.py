@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jfast.attention import AttentionConfig, explicit_mask
 from jfast.data import BatchingConfig, make_batches, tokenize
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, init_classifier, load_hf_bert
-from jfast.train import classification_loss
+from jfast.nn import AttentionConfig, explicit_mask
+from jfast.training import classification_loss
 
 SMALL = BertConfig(
   vocab_size=500,

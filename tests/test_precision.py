@@ -13,13 +13,11 @@ import optax
 import pytest
 from flax import linen as nn
 
+from jfast.cpu import MixedDense, mixed_dot_general, mixed_matmul, mixed_matmul_nt
 from jfast.data import BatchingConfig, batch_from_rows
-from jfast.loop import LoopConfig, fit
-from jfast.loss_scale import DynamicLossScale, NoOpLossScale
-from jfast.mixed_dots import mixed_matmul, mixed_matmul_nt
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, load_hf_bert
-from jfast.precision import PRESETS, MixedDense, Policy, get_policy, mixed_dot_general
-from jfast.train import classification_loss, create_train_state, make_train_step
+from jfast.precision import PRESETS, DynamicLossScale, NoOpLossScale, Policy, get_policy
+from jfast.training import LoopConfig, classification_loss, create_train_state, fit, make_train_step
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 TINY = BertConfig(
@@ -39,7 +37,7 @@ def test_presets_and_strings():
   bf16 = get_policy("bf16")
   assert (bf16.param_dtype, bf16.compute_dtype, bf16.output_dtype) == (F32, BF16, F32)
   assert bf16 == get_policy("params=float32,compute=bfloat16,output=float32") == get_policy("p=f32, c=bf16")
-  assert get_policy("BFLOAT16") == bf16  # the old --dtype values name the same mixed policies
+  assert get_policy("BFLOAT16") == bf16  # a bare dtype names the preset that computes in it
   assert get_policy("fp16") == get_policy("c=f16") and get_policy("fp16").needs_loss_scale
   assert get_policy("pure-bf16") == get_policy("p=bf16,c=bf16,o=f32") and not get_policy("pure-bf16").needs_loss_scale
   for name in PRESETS:
@@ -397,8 +395,9 @@ def test_fit_takes_a_policy():
 
 
 def test_finetune_precision_flag():
-  from experiments.finetune import parse_args
+  from jfast.app.finetune import parse_args
 
   assert get_policy(parse_args([]).precision) == get_policy("fp32")
   assert get_policy(parse_args(["--precision", "p=bf16,c=bf16"]).precision) == get_policy("pure-bf16")
-  assert get_policy(parse_args(["--dtype", "bfloat16"]).precision) == get_policy("bf16")  # the old switch
+  with pytest.raises(SystemExit):
+    parse_args(["--dtype", "bfloat16"])  # one flag for precision: --precision

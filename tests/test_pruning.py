@@ -8,13 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from jfast.data import batch_from_rows
-from jfast.models import BertConfig, BertForSequenceClassification, save_hf_bert
-from jfast.pruning import (
+from jfast.compress import (
   Importance,
   PruningSchedule,
   Structure,
-  count_params,
+  eligible,
   gradient_importance,
   gradual_pruning,
   keep_pruned,
@@ -22,12 +20,15 @@ from jfast.pruning import (
   magnitude_mask,
   mask_structure,
   nm_mask,
+  num_params,
   select,
   shrink,
   sparsity,
 )
-from jfast.pruning.masks import eligible
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.data import batch_from_rows
+from jfast.models import BertConfig, BertForSequenceClassification, save_hf_bert
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.training import classification_loss, create_train_state, make_train_step
 
 SMALL = BertConfig(
   vocab_size=97,
@@ -231,7 +232,7 @@ def test_shrunk_model_equals_masked_model(small):
   got = _logits(small_config, small_params, batch)
   np.testing.assert_allclose(got, expected, atol=2e-6, rtol=1e-5)
   assert np.abs(expected - _logits(SMALL, params, batch)).max() > 1e-3  # the pruning did change the function
-  removed = count_params(params) - count_params(small_params)
+  removed = num_params(params) - num_params(small_params)
   d, h = SMALL.hidden_size, SMALL.head_dim
   assert removed == 6 * h * (4 * d + 3) + 3 * 48 * (2 * d + 1)  # q/k/v/out (+3 biases) per head; in/out (+bias)
   # Shrinking again from the shrunk model works on its own layer sizes.

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jfast import quant
+from jfast import compress as quant
+from jfast import nn as qnn
 from jfast.data import batch_from_rows
 from jfast.models import BertConfig, BertForSequenceClassification, BertModel, init_classifier, load_hf_bert
-from jfast.quant import numerics
+from jfast.nn import int8 as numerics
+from jfast.optim import state_bytes
 
 SMALL = BertConfig(
   vocab_size=120,
@@ -51,7 +53,7 @@ def _apply(model, params, batch):
 
 def test_weight_round_trip_is_bounded_per_channel():
   kernel = _kernel(np.random.default_rng(1), 384, 1536)
-  q, scale = jax.device_get(quant.quantize_weight(jnp.asarray(kernel)))
+  q, scale = jax.device_get(qnn.quantize_weight(jnp.asarray(kernel)))
   k64 = kernel.astype(np.float64)
   np.testing.assert_allclose(scale, np.abs(k64).max(0) / 127, rtol=1e-6)
   assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
@@ -60,7 +62,7 @@ def test_weight_round_trip_is_bounded_per_channel():
   assert np.all(error <= scale / 2 * (1 + 1e-5) + 1e-12)
   # Each column's extreme value is represented exactly at +-127.
   assert np.all(np.abs(q).max(0) == 127)
-  np.testing.assert_allclose(quant.dequantize_weight(q, scale), q.astype(np.float64) * scale, rtol=1e-7)
+  np.testing.assert_allclose(qnn.dequantize_weight(q, scale), q.astype(np.float64) * scale, rtol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-static"])
@@ -68,14 +70,14 @@ def test_int8_dense_equals_float_reference_of_dequantized_operands(mode):
   rng = np.random.default_rng(2)
   x = (rng.standard_normal((3, 7, 384)) * np.exp(rng.uniform(-2, 2, (3, 7, 1)))).astype(np.float32)
   kernel, bias = _kernel(rng, 384, 1536), rng.standard_normal(1536).astype(np.float32)
-  q, scale = jax.device_get(quant.quantize_weight(jnp.asarray(kernel)))
+  q, scale = jax.device_get(qnn.quantize_weight(jnp.asarray(kernel)))
   params = {"kernel": q, "kernel_scale": scale, "bias": bias}
   if mode == "int8":
     s_x = np.abs(x.astype(np.float64)).max(-1, keepdims=True) / 127
   else:
     s_x = np.float64(np.abs(x).max() / 127 * 0.8)  # a calibrated scale that clips the largest values
     params["input_scale"] = np.float32(s_x)
-  y = quant.QuantDense(1536, mode).apply({"params": params}, jnp.asarray(x))
+  y = qnn.QuantDense(1536, mode).apply({"params": params}, jnp.asarray(x))
   x_q = np.clip(np.round(x.astype(np.float64) / s_x), -127, 127)
   reference = (x_q * s_x) @ (q.astype(np.float64) * scale) + bias
   # Identical integers; the only difference is float32 rounding of the rescale.
@@ -95,7 +97,7 @@ def test_int32_accumulation_cannot_overflow_at_the_bound():
     x = (127 * signs)[None, :].astype(np.int8)
     # Worst case: every product is +127*127, plus a random second column.
     w = np.stack([127 * signs, rng.integers(-127, 128, width)], axis=1).astype(np.int8)
-    got = np.asarray(quant.int8_matmul(jnp.asarray(x), jnp.asarray(w)))
+    got = np.asarray(qnn.int8_matmul(jnp.asarray(x), jnp.asarray(w)))
     expected = x.astype(np.int64) @ w.astype(np.int64)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, expected)
@@ -144,7 +146,7 @@ def test_qat_forward_is_the_int8_model_and_its_gradient_is_straight_through(smal
   rng = np.random.default_rng(6)
   x, c = rng.standard_normal((4, 32)).astype(np.float32), rng.standard_normal((4, 32)).astype(np.float32)
   scale = jnp.asarray(np.abs(x).max(-1, keepdims=True) / 127)
-  value, grad = jax.value_and_grad(lambda x: jnp.sum(quant.fake_quant(x, scale) * c))(jnp.asarray(x))
+  value, grad = jax.value_and_grad(lambda x: jnp.sum(qnn.fake_quant(x, scale) * c))(jnp.asarray(x))
   np.testing.assert_array_equal(np.asarray(grad), c)  # identity backward
   np.testing.assert_allclose(value, np.sum(np.round(x / np.asarray(scale)) * np.asarray(scale) * c), rtol=1e-5)
   grads = jax.grad(lambda p: jnp.sum(_apply(qat, p, batch) ** 2))(params)
@@ -231,7 +233,7 @@ def test_real_minilm_int8_agrees_with_float(minilm_path, tokenizer, sst2_dev_sen
   cos = np.sum(ref * got, -1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
   # Measured: min 0.989, mean 0.997 over these 16 sentences' tokens (accuracy is the experiment's business).
   assert cos[real].min() > 0.97 and cos[real].mean() > 0.99, (cos[real].min(), cos[real].mean())
-  sizes = quant.tree_bytes(params["bert"]), quant.tree_bytes(quant.quantize(params)["bert"])
+  sizes = state_bytes(params["bert"]), state_bytes(quant.quantize(params)["bert"])
   assert sizes[0] > 1.5 * sizes[1]
 
 
@@ -252,7 +254,7 @@ def test_bad_input(small_model, tmp_path):
   with pytest.raises(TypeError, match="int32"):
     quant.quantize(ints)
   with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-    quant.quantize_weight(jnp.ones((4, 4), jnp.float64 if jax.config.jax_enable_x64 else jnp.int16))
+    qnn.quantize_weight(jnp.ones((4, 4), jnp.float64 if jax.config.jax_enable_x64 else jnp.int16))
   with pytest.raises(TypeError, match="nested dict"):
     quant.quantize([1, 2])
   with pytest.raises(ValueError, match="nothing to quantize"):
@@ -262,7 +264,7 @@ def test_bad_input(small_model, tmp_path):
   with pytest.raises(ValueError, match="mode must be"):
     quant.quantize(params, mode="qat")
   with pytest.raises(TypeError, match="int8 operands"):
-    quant.int8_matmul(jnp.ones((2, 3)), jnp.ones((3, 2), jnp.int8))
+    qnn.int8_matmul(jnp.ones((2, 3)), jnp.ones((3, 2), jnp.int8))
   (tmp_path / "other.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(ValueError, match="corrupt"):
     quant.load_quantized(tmp_path / "other.safetensors")

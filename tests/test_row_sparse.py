@@ -1,4 +1,9 @@
-"""Row-sparse word-table training (`jfast.row_sparse`) against the dense step and a float64 AdamW."""
+"""Row-sparse word-table training (`jfast.cpu.row_sparse`) against the dense step and a float64 AdamW.
+
+One case trains the whole real MiniLM (the benchmark's configuration); the compositions run on a one-layer BERT
+with a 2,000-row table and SST-2's token ids folded into it, which exercises the same code at a fraction of the
+compile and step time.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,12 @@ import numpy as np
 import optax
 import pytest
 
-from jfast import freezing
+from jfast.cpu import RowUpdate, row_sparse_adamw, row_sparse_embedding
+from jfast.cpu.row_sparse import apply_updates, compact_rows, word_table_mask, word_table_path
 from jfast.data import BatchingConfig, load_text_classification, make_batches, tokenize
-from jfast.models import BertModel, init_classifier, load_hf_bert
-from jfast.models.gpt import GPT, GPTConfig
-from jfast.row_sparse import (
-  RowUpdate,
-  apply_updates,
-  compact_rows,
-  row_sparse_adamw,
-  row_sparse_embedding,
-  word_table_mask,
-)
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.models import GPT, BertConfig, BertForSequenceClassification, GPTConfig, init_classifier, load_hf_bert
+from jfast.optim import OptimizerConfig, freezing, make_optimizer
+from jfast.training import classification_loss, create_train_state, make_train_step, multi_steps
 
 WORD = ("bert", "embeddings", "word_embeddings", "embedding")
 
@@ -130,23 +128,36 @@ def sst2_ids(data_dir, tokenizer):
   return ids, ds.labels[:256]
 
 
-def _batches(sst2_ids, strategy, n=3, **kwargs):
+SMALL_VOCAB = 2000
+
+
+def _batches(sst2_ids, strategy, n=3, vocab=None, **kwargs):
   ids, labels = sst2_ids
+  if vocab is not None:
+    ids = [np.where(x > 0, 1 + x % (vocab - 1), 0).astype(np.int32) for x in ids]  # padding id 0 stays 0
   cfg = BatchingConfig(strategy=strategy, batch_size=32, **kwargs)
   return make_batches(ids, labels, cfg, pad_id=0, seed=0, epoch=0).batches[:n]
 
 
-def _train(model, params, batches, opt, *, row_sparse, policy=None, loss_scale=None, micro_batches=1, mask=None):
+def _small(sst2_ids, n=2):
+  return _batches(sst2_ids, "bucket", n=n, vocab=SMALL_VOCAB, num_buckets=4)
+
+
+def _train(
+  model, params, batches, opt, *, row_sparse, policy=None, loss_scale=None, micro_batches=1, mask=None, wrap=None
+):
   tx = make_optimizer(opt, total_steps=20)
   if mask is not None:
     tx = freezing.freeze(tx, mask)
+  if wrap is not None:
+    tx = wrap(tx)
   state = create_train_state(model, params, tx, seed=3, policy=policy, loss_scale=loss_scale)
   step = make_train_step(
     classification_loss(model),
     policy=policy,
     micro_batches=micro_batches,
     freeze_mask=mask,
-    row_sparse=row_sparse_embedding(model) if row_sparse else None,
+    row_sparse=row_sparse_embedding(model, classification_loss) if row_sparse else None,
   )
   losses = []
   for batch in batches:
@@ -177,14 +188,12 @@ def _close(a, b, start, rel=1e-2):
   assert moved > 1e-5 and diff <= rel * moved, (diff, moved)
 
 
-@pytest.mark.parametrize("strategy", ["bucket", "packed"])
-def test_step_trains_the_dense_steps_parameters_on_minilm(minilm, sst2_ids, strategy):
+@pytest.mark.slow
+def test_step_trains_the_dense_steps_parameters_on_minilm(minilm, sst2_ids):
   config, encoder = minilm
-  # The whole MiniLM for packed rows (the benchmark's best configuration), two of its layers for buckets.
-  config = config if strategy == "packed" else config.replace(num_hidden_layers=2)
+  # The whole MiniLM for packed rows, the benchmark's best configuration.
   model, params = init_classifier(config, encoder, 2, jax.random.PRNGKey(0))  # dropout on: same keys both ways
-  extra = {"num_buckets": 4} if strategy == "bucket" else {"row_length": 128}
-  batches = _batches(sst2_ids, strategy, **extra)
+  batches = _batches(sst2_ids, "packed", row_length=128)
   opt = OptimizerConfig(learning_rate=1e-3)  # clipping active: MiniLM's first gradients have norm > 1
   dense, dense_losses = _train(model, params, batches, opt, row_sparse=False)
   sparse, sparse_losses = _train(
@@ -201,20 +210,35 @@ def test_step_trains_the_dense_steps_parameters_on_minilm(minilm, sst2_ids, stra
 
 
 @pytest.fixture(scope="module")
-def small_minilm(minilm):
-  """MiniLM's real vocabulary and first layer: the real table, a quicker compile."""
-  config, encoder = minilm
-  config = config.replace(num_hidden_layers=1)
-  return init_classifier(config, encoder, 2, jax.random.PRNGKey(1))
+def small_bert():
+  """One MiniLM-width layer and a 2,000-row table: the compositions' model."""
+  config = BertConfig(
+    vocab_size=SMALL_VOCAB, hidden_size=128, num_hidden_layers=1, num_attention_heads=4, intermediate_size=512
+  )
+  model = BertForSequenceClassification(config, num_labels=2)
+  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.PRNGKey(1))
+  return model, jax.device_get(params)
+
+
+def test_step_trains_the_dense_steps_parameters_with_buckets(small_bert, sst2_ids):
+  model, params = small_bert
+  batches = _small(sst2_ids, n=3)
+  opt = OptimizerConfig(learning_rate=1e-3)
+  dense, dense_losses = _train(model, params, batches, opt, row_sparse=False)
+  sparse, sparse_losses = _train(
+    model, params, batches, dataclasses.replace(opt, row_sparse_embeddings="exact"), row_sparse=True
+  )
+  np.testing.assert_allclose(sparse_losses, dense_losses, rtol=1e-4)
+  _close(dense.params, sparse.params, params)
 
 
 @pytest.mark.parametrize(
   "case",
   ["accumulation_and_freezing", "fp16_dynamic_loss_scale", "pure_bf16"],
 )
-def test_composes_with_the_other_step_options(small_minilm, sst2_ids, case):
-  model, params = small_minilm
-  batches = _batches(sst2_ids, "bucket", n=2, num_buckets=4)
+def test_composes_with_the_other_step_options(small_bert, sst2_ids, case):
+  model, params = small_bert
+  batches = _small(sst2_ids)
   kwargs = {}
   if case == "accumulation_and_freezing":
     kwargs = {"micro_batches": 4, "mask": freezing.freeze_mask(params, ["encoder_layer_0", "pooler"])}
@@ -243,9 +267,9 @@ def test_composes_with_the_other_step_options(small_minilm, sst2_ids, case):
     )
 
 
-def test_lazy_step_moves_only_the_batchs_rows(small_minilm, sst2_ids):
-  model, params = small_minilm
-  batches = _batches(sst2_ids, "bucket", n=2, num_buckets=4)
+def test_lazy_step_moves_only_the_batchs_rows(small_bert, sst2_ids):
+  model, params = small_bert
+  batches = _small(sst2_ids)
   opt = OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0)  # the first step moves
   lazy, _ = _train(model, params, batches[:1], dataclasses.replace(opt, row_sparse_embeddings="lazy"), row_sparse=True)
   dense, _ = _train(model, params, batches[:1], opt, row_sparse=False)
@@ -254,16 +278,16 @@ def test_lazy_step_moves_only_the_batchs_rows(small_minilm, sst2_ids):
   lazy2, _ = _train(model, params, batches, dataclasses.replace(opt, row_sparse_embeddings="lazy"), row_sparse=True)
   first, second = (np.unique(np.asarray(b.input_ids)) for b in batches)
   only_first = np.setdiff1d(first, second)
-  assert only_first.size > 10
+  assert only_first.size > 5
   np.testing.assert_array_equal(
     np.asarray(_get(lazy2.params))[only_first], np.asarray(_get(lazy.params))[only_first]
   )  # AdamW would have moved them again
   assert np.abs(np.asarray(_get(lazy2.params))[second] - np.asarray(_get(lazy.params))[second]).max() > 1e-4
 
 
-def test_adamw_8bit_keeps_the_table_float32(small_minilm, sst2_ids):
-  model, params = small_minilm
-  batches = _batches(sst2_ids, "bucket", n=1, num_buckets=4)
+def test_adamw_8bit_keeps_the_table_float32(small_bert, sst2_ids):
+  model, params = small_bert
+  batches = _small(sst2_ids, n=1)
   opt8 = OptimizerConfig(learning_rate=1e-3, name="adamw_8bit", row_sparse_embeddings="exact")
   sparse8, _ = _train(model, params, batches, opt8, row_sparse=True)
   dense8, _ = _train(model, params, batches, OptimizerConfig(learning_rate=1e-3, name="adamw_8bit"), row_sparse=False)
@@ -275,13 +299,13 @@ def test_adamw_8bit_keeps_the_table_float32(small_minilm, sst2_ids):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_mismatched_halves_and_bad_models_fail_clearly(small_minilm, sst2_ids):
-  model, params = small_minilm
-  batch = _batches(sst2_ids, "bucket", n=1, num_buckets=4)[0]
+def test_mismatched_halves_and_bad_models_fail_clearly(small_bert, sst2_ids):
+  model, params = small_bert
+  batch = _small(sst2_ids, n=1)[0]
   sparse_tx = make_optimizer(OptimizerConfig(row_sparse_embeddings="exact"), 10)
   dense_tx = make_optimizer(OptimizerConfig(), 10)
-  spec = row_sparse_embedding(model)
-  with pytest.raises(ValueError, match="disagree about row-sparse"):
+  spec = row_sparse_embedding(model, classification_loss)
+  with pytest.raises(ValueError, match="row ids"):
     make_train_step(classification_loss(model), donate=False)(create_train_state(model, params, sparse_tx), batch)
   with pytest.raises(ValueError, match="disagree about row-sparse"):
     make_train_step(classification_loss(model), donate=False, row_sparse=spec)(
@@ -296,9 +320,31 @@ def test_mismatched_halves_and_bad_models_fail_clearly(small_minilm, sst2_ids):
     make_train_step(classification_loss(model), freeze_mask=mask, donate=False, row_sparse=spec)(state, batch)
   gpt = GPT(GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4))
   with pytest.raises(ValueError, match="tied"):
-    row_sparse_embedding(gpt)
-  assert row_sparse_embedding(BertModel(model.config)).path == ("embeddings", "word_embeddings", "embedding")
+    row_sparse_embedding(gpt, classification_loss)
+  assert word_table_path(params) == WORD
   with pytest.raises(ValueError, match="row_sparse_embeddings"):
     OptimizerConfig(row_sparse_embeddings="sparse")
   with pytest.raises(ValueError, match="exactly one trainable parameter"):
     word_table_mask({"dense": {"kernel": jnp.ones((4, 4))}})
+
+
+def test_multi_steps_is_refused_and_chain_composes(small_bert, sst2_ids):
+  """optax.MultiSteps adds gradients up in table-shaped buffers: the row-sparse optimizer is refused under it with an
+  error naming in-step accumulation, which gives the same update (checked against the dense step), while optax.chain
+  passes the row ids through and trains as the bare optimizer does."""
+  model, params = small_bert
+  batches = _small(sst2_ids, n=2)
+  exact = OptimizerConfig(learning_rate=1e-3, row_sparse_embeddings="exact")
+  with pytest.raises(ValueError, match=r"MultiSteps.*micro_batches"):
+    _train(model, params, batches, exact, row_sparse=True, wrap=lambda tx: multi_steps(tx, 2))
+  bare, bare_losses = _train(model, params, batches, exact, row_sparse=True)
+  chained, chained_losses = _train(
+    model, params, batches, exact, row_sparse=True, wrap=lambda tx: optax.chain(optax.identity(), tx)
+  )
+  np.testing.assert_array_equal(chained_losses, bare_losses)
+  for a, b in zip(jax.tree.leaves(chained.params), jax.tree.leaves(bare.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The accumulation MultiSteps would have done, inside the step instead: the dense step's update.
+  accumulated, _ = _train(model, params, batches, exact, row_sparse=True, micro_batches=4)
+  dense, _ = _train(model, params, batches, OptimizerConfig(learning_rate=1e-3), row_sparse=False, micro_batches=4)
+  _close(dense.params, accumulated.params, params)

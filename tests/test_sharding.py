@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jfast.sharding import DEFAULT_RULES, ShardingRules, make_mesh, partition_spec, tree_shardings
+from jfast.parallel import DEFAULT_RULES, ShardingRules, make_mesh, partition_spec, tree_shardings
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 MULTIHOST_WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
@@ -218,7 +218,7 @@ def test_make_mesh_validates_its_shape():
 
 
 def test_rules_serve_the_gpt_decoder_unchanged():
-  from jfast.models.gpt import GPT, GPTConfig
+  from jfast.models import GPT, GPTConfig
 
   model = GPT(GPTConfig(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=4))
   shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), np.int32))["params"]
@@ -257,7 +257,7 @@ def test_two_process_run_matches_one_device(subprocess_runs):
 
 
 def test_distributed_settings_are_checked_before_joining(monkeypatch):
-  from jfast import distributed
+  from jfast.parallel import distributed
 
   for var in ("JFAST_COORDINATOR_ADDRESS", "JFAST_NUM_PROCESSES", "JFAST_PROCESS_ID", "JFAST_DISTRIBUTED"):
     monkeypatch.delenv(var, raising=False)
@@ -278,7 +278,7 @@ def test_distributed_settings_are_checked_before_joining(monkeypatch):
 
 
 def test_mesh_from_string():
-  from jfast.sharding import mesh_from_string
+  from jfast.parallel import mesh_from_string
 
   assert mesh_from_string(None) is None
   assert dict(mesh_from_string("fsdp=1,tensor=1").shape) == {"data": 1, "fsdp": 1, "tensor": 1}

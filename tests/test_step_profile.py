@@ -51,6 +51,8 @@ def test_gpt_configs_and_bad_config_names():
     main(["--config", "gpt_bf16", "--ab", "clsonly"])
   with pytest.raises(SystemExit, match="c_attn is one product"):
     main(["--config", "gpt_bf16", "--ab", "fuseqkv"])
+  with pytest.raises(SystemExit):  # the A/Bs that patched library functions are gone
+    main(["--config", "packed_bf16", "--ab", "dropout"])
 
 
 def test_xla_flag_sets_each_run_in_their_own_environment(monkeypatch):

@@ -10,9 +10,9 @@ import optax
 import pytest
 
 from jfast.data import BatchingConfig, batch_from_rows, load_text_classification, tokenize
-from jfast.loop import LoopConfig, fit
 from jfast.models import BertConfig, BertForSequenceClassification
-from jfast.train import OptimizerConfig, classification_loss, create_train_state, make_optimizer, make_train_step
+from jfast.optim import OptimizerConfig, make_optimizer
+from jfast.training import LoopConfig, classification_loss, create_train_state, fit, make_train_step
 
 NO_DROPOUT = BertConfig(
   vocab_size=30522,

@@ -6,7 +6,6 @@ from jfast.data.bpe import check_vocab, save_tokenizer, train_bpe
 from jfast.data.datasets import KNOWN_LABELS, TextDataset, load_text_classification
 from jfast.data.lm import (
   LMBatch,
-  causal_lm_loss,
   encode_documents,
   lm_batches,
   pack_documents,
@@ -27,7 +26,6 @@ __all__ = [
   "TextDataset",
   "batch_from_rows",
   "bucket_pad",
-  "causal_lm_loss",
   "check_vocab",
   "choose_buckets",
   "dynamic_pad",

@@ -6,8 +6,9 @@ document boundary, positions restart at every document, and a target is real onl
 the same document. The loss divides by those real targets, never by row slots, so a batch's mean is the same however
 its documents were cut.
 
-An `LMBatch` fits `jfast.train.make_train_step` unchanged: its ``example_mask`` marks real *targets*, so the step's
-"examples" count (and in-step gradient accumulation with ``normalize_by="examples"``) normalises by real targets.
+An `LMBatch` fits `jfast.training.make_train_step` with `jfast.training.causal_lm_loss` unchanged: its
+``example_mask`` marks real *targets*, so the step's "examples" count (and in-step gradient accumulation with
+``normalize_by="examples"``) normalises by real targets.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import linen as nn
 
 
 class LMBatch(NamedTuple):
@@ -186,50 +183,3 @@ def lm_batches(rows: LMBatch, batch_size: int, *, seed: int | None = None, epoch
     a = field[order]
     fields.append(np.concatenate([a, np.zeros((fill, *a.shape[1:]), a.dtype)]) if fill else a)
   return [LMBatch(*(f[b : b + batch_size] for f in fields)) for b in range(0, num + fill, batch_size)]
-
-
-def causal_lm_loss(model: nn.Module):
-  """Next-token cross-entropy over real targets (``example_mask``), normalised by their count.
-
-  Plugs into `jfast.train.make_train_step` / `make_eval_step` like ``classification_loss``.
-
-  Returns:
-    ``loss_fn(params, batch, rng, deterministic) -> (mean_loss, aux)``; ``aux`` holds sums that add across batches:
-    ``loss_sum``, ``correct`` (argmax hits), ``examples`` (real targets) and ``tokens`` (real input tokens).
-
-  Example:
-    >>> step = make_train_step(causal_lm_loss(GPT(config)))  # doctest: +SKIP
-  """
-
-  def loss_fn(params, batch: LMBatch, rng, deterministic: bool):
-    logits_BxLxV = model.apply(
-      {"params": params},
-      batch.input_ids,
-      segment_ids=batch.segment_ids,
-      position_ids=batch.position_ids,
-      deterministic=deterministic,
-      rngs=None if deterministic else {"dropout": rng},
-    )
-    # optax's version works from log-sum-exp: no second [B, L, V] array of log-probabilities.
-    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), batch.labels)
-    mask_BxL = batch.example_mask.astype(jnp.float32)
-    targets = mask_BxL.sum()
-    loss_sum = (nll_BxL * mask_BxL).sum()
-    # "The target has the highest logit" instead of argmax == target: the same count (but for exact ties) from the
-    # max the cross-entropy computes anyway; XLA:CPU's argmax over [B, L, V] took about 2% of the GPT step.
-    label_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch.labels[..., None], axis=-1)[..., 0]
-    hit_BxL = label_logit_BxL >= jnp.max(logits_BxLxV, axis=-1)
-    aux = {
-      "loss_sum": loss_sum,
-      "correct": (hit_BxL * mask_BxL).sum(),
-      "examples": targets,
-      "tokens": (batch.segment_ids > 0).sum().astype(jnp.float32),
-    }
-    return loss_sum / jnp.maximum(targets, 1.0), aux
-
-  return loss_fn
-
-
-def device_batch(batch: LMBatch) -> LMBatch:
-  """Moves a host batch to the default device (one transfer per field)."""
-  return LMBatch(*jax.device_put(tuple(batch)))

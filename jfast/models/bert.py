@@ -1,7 +1,7 @@
 """A Flax Linen BERT encoder (post-LN, as the original and Hugging Face's) with a classification head.
 
 Parameter names follow Hugging Face's modules closely (``embeddings``, ``encoder/layer_i``, ``pooler``), so
-`jfast.models.hf_io` maps weights with a short table and no guessing.
+`jfast.models.bert_io` maps weights with a short table and no guessing.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from jfast.activations import ACTIVATIONS
-from jfast.dropout import Dropout
-from jfast.models.attention import Attention, AttentionConfig
-from jfast.models.fused import fused_projections
-from jfast.precision import MixedDense
-from jfast.quant.dense import QUANTIZED_LAYERS, QuantDense, check_mode
-from jfast.remat import remat_policy
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from jfast.nn.activations import ACTIVATIONS
+from jfast.nn.attention import Attention
+from jfast.nn.attention_config import AttentionConfig
+from jfast.nn.layers import DTYPES, dense, layer_norm
+from jfast.nn.dropout import Dropout
+from jfast.nn.fused import fused_projections
+from jfast.nn.quant_dense import QUANTIZED_LAYERS, QuantDense, check_mode
+from jfast.nn.remat import remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +30,14 @@ class BertConfig:
   Attributes:
     dtype: compute dtype of matmuls and activations (``float32``, ``bfloat16``, ``float16``); layer-norm
       statistics, softmax and losses stay float32. Parameters are used in whatever dtype they are passed in
-      (`jfast.precision.Policy` decides: float32 master weights, or bf16 under ``pure-bf16``).
+      (`jfast.precision.Policy` decides: float32 master weights, or bf16 under ``pure-bf16``). Traced for the CPU,
+      half-precision layers run `jfast.cpu`'s products; for a GPU or TPU, stock ``nn.Dense`` (`jfast.nn.dense`).
     attention: which attention kernel runs (see `AttentionConfig`).
-    remat_policy: a key of `jfast.remat.REMAT_POLICIES`; ``none`` keeps every activation.
-    layer_num_heads: per-layer head counts of a structurally pruned model (`jfast.pruning.shrink`); each layer
+    remat_policy: a key of `jfast.nn.REMAT_POLICIES`; ``none`` keeps every activation.
+    layer_num_heads: per-layer head counts of a structurally pruned model (`jfast.compress.shrink`); each layer
       keeps ``head_dim = hidden_size // num_attention_heads``. None: every layer has ``num_attention_heads``.
     layer_intermediate_sizes: per-layer FFN widths of a pruned model. None: every layer has ``intermediate_size``.
-    quantization: ``none``, or how the encoder's six projections run (`jfast.quant.QuantDense`): ``int8`` (int8
+    quantization: ``none``, or how the encoder's six projections run (`jfast.nn.QuantDense`): ``int8`` (int8
       weights, per-token activation scales), ``int8-static`` (calibrated activation scales), ``qat`` (float weights,
       fake quantization for quantization-aware fine-tuning).
     fuse_qkv: run the query, key and value projections of one input as one product against their kernels side by
@@ -75,8 +75,8 @@ class BertConfig:
       )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -99,7 +99,7 @@ class BertConfig:
 
   @property
   def compute_dtype(self) -> Any:
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   def layer_sizes(self, index: int) -> tuple[int, int]:
     """``(heads, intermediate_size)`` of encoder layer ``index``."""
@@ -112,34 +112,14 @@ class BertConfig:
 
 
 def _dense(config: BertConfig, features: int, name: str) -> nn.Module:
-  if config.quantization != "none" and name in QUANTIZED_LAYERS:
-    init = nn.initializers.normal(config.initializer_range)
-    return QuantDense(features, config.quantization, config.compute_dtype, init, name=name)
   init = nn.initializers.normal(config.initializer_range)
-  if config.compute_dtype != jnp.float32:
-    # Half-precision matmuls accumulate in float32 (so written, XLA:CPU runs them in bf16 instead of upcasting),
-    # and the bf16 weight copy is made inside the dot, not kept for the backward pass.
-    return MixedDense(features, config.compute_dtype, init, name=name)
-  return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+  if config.quantization != "none" and name in QUANTIZED_LAYERS:
+    return QuantDense(features, config.quantization, config.compute_dtype, init, name=name)
+  return dense(features, config.compute_dtype, init, name=name)
 
 
-# Under half-precision compute the norm is recomputed in the backward pass from its half-precision input: its
-# float32 intermediates (centred input, normalised output) are what autodiff would otherwise keep, 3 float32
-# copies of the residual stream per norm, which is most of the activation memory half precision is meant to save.
-_RematLayerNorm = nn.remat(nn.LayerNorm)
-
-
-def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
-  # Statistics in float32 (force_float32_reductions) even under bf16/fp16 compute: they overflow or lose precision
-  # otherwise. The normalised output is in compute dtype, so the residual stream shrinks with the policy.
-  cls = nn.LayerNorm if config.compute_dtype == jnp.float32 else _RematLayerNorm
-  return cls(
-    epsilon=config.layer_norm_eps,
-    dtype=config.compute_dtype,
-    param_dtype=jnp.float32,
-    force_float32_reductions=True,
-    name=name,
-  )
+def _layer_norm(config: BertConfig, name: str) -> nn.Module:
+  return layer_norm(config.layer_norm_eps, config.compute_dtype, name=name)
 
 
 class BertEmbeddings(nn.Module):

@@ -2,10 +2,9 @@
 
 Module and parameter names follow Hugging Face's ``GPT2LMHeadModel`` (``wte``, ``wpe``, ``h_i/attn/c_attn``,
 ``h_i/mlp/c_fc``, ``ln_f``), and Flax ``Dense`` kernels are ``[in, out]`` exactly like GPT-2's ``Conv1D`` weights, so
-`jfast.models.gpt_io` maps weights by renaming alone. Attention, precision and remat reuse what BERT uses: the
-`jfast.models.attention.Attention` kernels with ``causal=True`` (packed documents are kept apart by ``segment_ids``),
-`jfast.precision.mixed_dot_general` for half-precision matmuls and `jfast.remat` policies over the same
-``checkpoint_name`` tags.
+`jfast.models.gpt_io` maps weights by renaming alone. Attention, layers and remat are BERT's: the `jfast.nn.Attention`
+kernels with ``causal=True`` (packed documents are kept apart by ``segment_ids``), the `jfast.nn.dense` layer factory,
+and `jfast.nn.REMAT_POLICIES` over the same ``checkpoint_name`` tags.
 """
 
 from __future__ import annotations
@@ -19,13 +18,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from jfast.activations import ACTIVATIONS
-from jfast.dropout import Dropout
-from jfast.mixed_dots import row_major
-from jfast.models.attention import Attention, AttentionConfig
-from jfast.models.bert import _DTYPES, _RematLayerNorm
-from jfast.precision import MixedDense, mixed_dot_general
-from jfast.remat import remat_policy
+from jfast.cpu.dots import mixed_dot_general, row_major
+from jfast.cpu.platform import active as cpu_active
+from jfast.nn.activations import ACTIVATIONS
+from jfast.nn.attention import Attention
+from jfast.nn.attention_config import AttentionConfig
+from jfast.nn.layers import DTYPES, dense, layer_norm
+from jfast.nn.dropout import Dropout
+from jfast.nn.remat import remat_policy
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
 
@@ -42,7 +42,7 @@ class GPTConfig:
       not exportable to the GPT-2 layout).
     dtype: compute dtype of matmuls and activations; norms' statistics, softmax, logits and loss stay float32.
     attention: which attention kernel runs (see `AttentionConfig`); always causal here.
-    remat_policy: a key of `jfast.remat.POLICIES`.
+    remat_policy: a key of `jfast.nn.REMAT_POLICIES`.
 
   Example:
     >>> config = GPTConfig(vocab_size=2048, n_positions=256, n_embd=256, n_layer=4, n_head=4)
@@ -86,8 +86,8 @@ class GPTConfig:
       raise ValueError(
         f"unsupported activation_function {self.activation_function!r}; expected one of {sorted(ACTIVATIONS)}"
       )
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"unsupported dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
     remat_policy(self.remat_policy)
 
   @property
@@ -100,34 +100,19 @@ class GPTConfig:
 
   @property
   def compute_dtype(self) -> Any:
-    return _DTYPES[self.dtype]
+    return DTYPES[self.dtype]
 
   def replace(self, **changes) -> GPTConfig:
     return dataclasses.replace(self, **changes)
 
 
-def _half(config: GPTConfig) -> bool:
-  return config.compute_dtype != jnp.float32
-
-
 def _dense(config: GPTConfig, features: int, name: str, std: float | None = None) -> nn.Module:
   init = nn.initializers.normal(config.initializer_range if std is None else std)
-  if _half(config):
-    # As in BERT: bf16 x bf16 -> float32 dots, the weight cast inside the dot rather than kept for the backward.
-    return MixedDense(features, config.compute_dtype, init, name=name)
-  return nn.Dense(features, dtype=config.compute_dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+  return dense(features, config.compute_dtype, init, name=name)
 
 
-def _layer_norm(config: GPTConfig, name: str) -> nn.LayerNorm:
-  # As in BERT: float32 statistics, compute-dtype output, recomputed in the backward pass under half precision.
-  cls = _RematLayerNorm if _half(config) else nn.LayerNorm
-  return cls(
-    epsilon=config.layer_norm_epsilon,
-    dtype=config.compute_dtype,
-    param_dtype=jnp.float32,
-    force_float32_reductions=True,
-    name=name,
-  )
+def _layer_norm(config: GPTConfig, name: str) -> nn.Module:
+  return layer_norm(config.layer_norm_epsilon, config.compute_dtype, name=name)
 
 
 def rotary(x_BxLxHxD: jax.Array, position_ids_BxL: jax.Array, base: float = 10000.0) -> jax.Array:
@@ -264,15 +249,14 @@ class GPT(nn.Module):
     for i in range(cfg.n_layer):
       x_BxLxD = block_cls(cfg, name=f"h_{i}")(x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic)
     h_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
-    # Tied head: logits against the token table, accumulated in float32 (and, in half precision, through the same
-    # half x half -> float32 dot the Dense layers use).
+    # Tied head: logits against the token table, accumulated and returned in float32.
     table_DxV = wte.embedding.T.astype(cfg.compute_dtype)
     dims = (((2,), (0,)), ((), ()))
-    if _half(cfg):
+    if cpu_active(cfg.compute_dtype):
       # A physical [D, V] copy: on the transposed view XLA:CPU ran the largest product of the step in float32.
       logits_BxLxV = mixed_dot_general(h_BxLxD, row_major(table_DxV), dims)
     else:
-      logits_BxLxV = jax.lax.dot_general(h_BxLxD, table_DxV, dims)
+      logits_BxLxV = jax.lax.dot_general(h_BxLxD, table_DxV, dims, preferred_element_type=jnp.float32)
     return logits_BxLxV.astype(jnp.float32)
 
 

@@ -7,7 +7,6 @@ silently re-tied.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,12 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
 from jfast.models.gpt import GPT, GPTConfig
-from jfast.models.hf_io import _read_folder
+from jfast.models.hf_io import LEAVES, flat_tensors, match_tensors, param_shapes, read_folder, write_folder
 
-_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 # Buffers and heads a GPT-2 folder may hold that the decoder does not use as parameters.
 _IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
 _CONFIG_KEYS = (
@@ -45,7 +42,7 @@ def _hf_name(path: tuple[str, ...]) -> str:
   """Maps a flattened Flax path to its Hugging Face name without the ``transformer.`` prefix."""
   *module, leaf = path
   parts = [m.replace("h_", "h.", 1) if re.fullmatch(r"h_\d+", m) else m for m in module]
-  return ".".join([*parts, _LEAVES[leaf]])
+  return ".".join([*parts, LEAVES[leaf]])
 
 
 def _config_from_hf(hf: dict) -> GPTConfig:
@@ -66,12 +63,6 @@ def _config_from_hf(hf: dict) -> GPTConfig:
   return GPTConfig(**fields)
 
 
-def _param_shapes(config: GPTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  ids = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: GPT(config).init(jax.random.key(0), ids))["params"]
-  return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(shapes).items()}
-
-
 def load_hf_gpt2(path: str | Path, *, config: GPTConfig | None = None) -> tuple[GPTConfig, dict]:
   """Reads a Hugging Face GPT-2 folder (``GPT2LMHeadModel`` or ``GPT2Model``) into `GPT` parameters.
 
@@ -86,28 +77,15 @@ def load_hf_gpt2(path: str | Path, *, config: GPTConfig | None = None) -> tuple[
     >>> config, params = load_hf_gpt2("runs/gpt2-small")  # doctest: +SKIP
     >>> logits = GPT(config).apply({"params": params}, input_ids)  # doctest: +SKIP
   """
-  folder, hf_config, tensors = _read_folder(path)
+  folder, hf_config, tensors = read_folder(path)
   file_config = _config_from_hf(hf_config)
   config = file_config if config is None else config
   if config.position_embedding != "learned":
     raise ValueError("GPT-2 folders hold learned positions; a rotary config cannot load them")
   tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-  expected = _param_shapes(config)
-  flat, problems = {}, []
-  for flax_path, shape in expected.items():
-    name = _hf_name(flax_path)
-    if name not in tensors:
-      problems.append(f"{name}: missing")
-      continue
-    value = np.asarray(tensors[name], dtype=np.float32)
-    if value.shape != shape:
-      problems.append(f"{name}: weights {value.shape}, config expects {shape}")
-    flat[flax_path] = value
-  used = {_hf_name(p) for p in expected}
-  unexpected = sorted(k for k in tensors if k not in used and not _IGNORED.match(k))
-  problems += [f"{name}: in the weights but not in the config" for name in unexpected[:10]]
-  if problems:
-    raise ValueError(f"config does not match the weights in {folder}:\n  " + "\n  ".join(problems[:20]))
+  ids = jnp.zeros((1, 1), jnp.int32)
+  expected = param_shapes(lambda: GPT(config).init(jax.random.key(0), ids)["params"])
+  flat = match_tensors(folder, expected, tensors, _hf_name, _IGNORED, transpose_kernels=False)
   head = tensors.get("lm_head.weight")
   if head is not None and not np.array_equal(np.asarray(head, np.float32), flat[("wte", "embedding")]):
     raise ValueError(f"{folder}: lm_head.weight differs from wte.weight; untied heads are not supported")
@@ -127,12 +105,7 @@ def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict) -> None:
   """
   if config.position_embedding != "learned":
     raise ValueError("the GPT-2 layout has learned positions only; a rotary model cannot be exported to it")
-  folder = Path(path)
-  folder.mkdir(parents=True, exist_ok=True)
-  tensors = {
-    "transformer." + _hf_name(p): np.ascontiguousarray(np.asarray(v, np.float32))
-    for p, v in traverse_util.flatten_dict(jax.device_get(params)).items()
-  }
+  tensors = flat_tensors(params, _hf_name, transpose_kernels=False, prefix="transformer.")
   hf_config = {k: getattr(config, k) for k in _CONFIG_KEYS}
   hf_config.update(
     model_type="gpt2",
@@ -144,5 +117,4 @@ def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict) -> None:
     tie_word_embeddings=True,
     torch_dtype="float32",
   )
-  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-  (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+  write_folder(path, tensors, hf_config)

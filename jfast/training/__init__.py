@@ -1,0 +1,50 @@
+"""Training: the train state, the one step builder every technique plugs into, every loss, gradient accumulation,
+the generic loop and checkpoints. Data flows one way through it: batch -> loss -> step -> loop."""
+
+from jfast.training.accumulation import NORMALIZERS, accumulate_gradients, multi_steps, split_micro_batches
+from jfast.training.checkpoint import Checkpointer
+from jfast.training.loop import FitResult, LoopConfig, evaluate, fit, run, run_together, training_loop
+from jfast.training.losses import (
+  attention_map_loss,
+  attention_probs,
+  causal_lm_loss,
+  classification_loss,
+  classifier_logits,
+  cross_entropy,
+  hidden_state_loss,
+  loss_sums,
+  soft_target_loss,
+)
+from jfast.training.state import RNG_IMPL, TrainState, create_train_state
+from jfast.training.step import CompiledStep, LossFn, make_eval_step, make_train_step
+
+__all__ = [
+  "NORMALIZERS",
+  "RNG_IMPL",
+  "Checkpointer",
+  "CompiledStep",
+  "FitResult",
+  "LoopConfig",
+  "LossFn",
+  "TrainState",
+  "accumulate_gradients",
+  "attention_map_loss",
+  "attention_probs",
+  "causal_lm_loss",
+  "classification_loss",
+  "classifier_logits",
+  "create_train_state",
+  "cross_entropy",
+  "evaluate",
+  "fit",
+  "hidden_state_loss",
+  "loss_sums",
+  "make_eval_step",
+  "make_train_step",
+  "multi_steps",
+  "run",
+  "run_together",
+  "soft_target_loss",
+  "split_micro_batches",
+  "training_loop",
+]
