@@ -16,9 +16,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jfast.nn.activations import ACTIVATIONS
 from jfast.nn.attention import Attention
 from jfast.nn.attention_config import AttentionConfig
-from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.dropout import Dropout
 from jfast.nn.fused import fused_projections
+from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.quant_dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.nn.remat import remat_policy
 

@@ -23,8 +23,8 @@ from jfast.cpu.platform import active as cpu_active
 from jfast.nn.activations import ACTIVATIONS
 from jfast.nn.attention import Attention
 from jfast.nn.attention_config import AttentionConfig
-from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.dropout import Dropout
+from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.remat import remat_policy
 
 POSITION_EMBEDDINGS = ("learned", "rotary")

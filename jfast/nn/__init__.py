@@ -16,7 +16,6 @@ from jfast.nn.attention import (
   sliding_window_attention,
 )
 from jfast.nn.attention_config import ATTENTION_BACKENDS, ATTENTION_KINDS, AttentionConfig
-from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.dropout import Dropout, keep_mask
 from jfast.nn.fused import fused_projections
 from jfast.nn.int8 import (
@@ -28,6 +27,7 @@ from jfast.nn.int8 import (
   quantize_per_token,
   quantize_weight,
 )
+from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.quant_dense import QUANTIZATION_MODES, QUANTIZED_LAYERS, QuantDense
 from jfast.nn.remat import REMAT_POLICIES, TAGS, remat_policy
 
