@@ -50,16 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--hugepages",
     choices=("jax", "torch", "both", "none"),
     default="both",
-    help="sides started with glibc.malloc.hugetlb=1 (jfast.hugepages; default both: on the Zen 5 CPU it speeds up "
-    "both steps; before session 12 the default was jax, when it had slowed PyTorch's)",
+    help="sides started with glibc.malloc.hugetlb=1 (jfast.cpu.hugepages; default both: on the Zen 5 CPU it speeds "
+    "up both steps)",
   )
   p.add_argument(
     "--retain-freed",
     choices=("jax", "torch", "both", "none"),
     default="both",
-    help="sides started with glibc's tunables that keep freed memory in the process (jfast.hugepages.RETAIN: no "
+    help="sides started with glibc's tunables that keep freed memory in the process (jfast.cpu.hugepages.RETAIN: no "
     "mmap for large blocks, no trimming, one arena), so a step's buffers are not page-faulted in again each step "
-    "(default both: PyTorch's step gains 1.24x from it on the Zen 5 CPU, jfast's is level; before session 12: none)",
+    "(default both: PyTorch's step gains 1.24x from it on the Zen 5 CPU, jfast's is level)",
   )
   p.add_argument(
     "--min-cpu-share",
@@ -157,8 +157,8 @@ def prepare(args, specs: dict[str, dict[str, RunSpec]], path: Path) -> dict:
 
 
 def allocator_env(env: dict[str, str], hugepages: bool, retain: bool) -> dict[str, str]:
-  """``env`` with exactly the glibc allocator tunables asked for: huge pages (`jfast.hugepages.TUNABLE`) and the
-  freed-memory-retaining `jfast.hugepages.RETAIN`, each on or off; a user's other tunables stay."""
+  """``env`` with exactly the glibc allocator tunables asked for: huge pages (`jfast.cpu.hugepages.TUNABLE`) and the
+  freed-memory-retaining `jfast.cpu.hugepages.RETAIN`, each on or off; a user's other tunables stay."""
   env = hugepage_env(env, enabled=False)  # neither, whatever the parent had (a re-executed jfast parent has both)
   if hugepages:
     return hugepage_env(env, retain=retain)
@@ -178,8 +178,8 @@ def run_side(
 ) -> dict:
   """Runs one side in a fresh process and returns its result (or ``{"error": ...}``).
 
-  ``hugepages`` starts the child with glibc's huge-page tunable (`jfast.hugepages`), ``retain_freed`` with the
-  tunables that keep freed memory in the process (`jfast.hugepages.RETAIN`), each without it otherwise.
+  ``hugepages`` starts the child with glibc's huge-page tunable (`jfast.cpu.hugepages`), ``retain_freed`` with the
+  tunables that keep freed memory in the process (`jfast.cpu.hugepages.RETAIN`), each without it otherwise.
   """
   tag = f"{spec.config}.{spec.side}"
   spec_file, out_file = work / f"{tag}.spec.json", work / f"{tag}.result.json"

@@ -45,13 +45,13 @@ class RunSpec:
     sampler: PyTorch side: ``shared`` uses the shared batches' examples in their order; ``hf_grouped`` and
       ``hf_random`` use transformers' own `LengthGroupedSampler` / a random sampler instead.
     dtype: ``float32``, ``bfloat16`` or ``float16`` compute (parameters stay float32 on both sides).
-    remat: a `jfast.remat.REMAT_POLICIES` name; PyTorch turns on ``gradient_checkpointing_enable`` for any but
+    remat: a `jfast.nn.remat.REMAT_POLICIES` name; PyTorch turns on ``gradient_checkpointing_enable`` for any but
       ``none``.
     accum: micro-batches per optimizer step; each batch of ``batch_size`` rows is cut into ``accum`` slices.
     freeze_layers: -1 trains everything; 0 freezes the embeddings; k > 0 also freezes the first k layers.
     optimizer: ``adamw`` or ``adamw8bit`` (bitsandbytes on PyTorch).
     compile: PyTorch side: wrap the model in ``torch.compile``.
-    row_sparse: jfast side: ``off``, or train the word table from the batch's rows (`jfast.row_sparse`): ``exact``
+    row_sparse: jfast side: ``off``, or train the word table from the batch's rows (`jfast.cpu.row_sparse`): ``exact``
       (the same AdamW update) or ``lazy`` (only those rows move: ``torch.optim.SparseAdam``'s optimizer).
     lr: peak learning rate (linear warm-up over 6% of the epoch, then linear decay, on both sides).
     seed: data order, initialisation and dropout.

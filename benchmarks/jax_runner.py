@@ -3,9 +3,9 @@
     python -m benchmarks.jax_runner --spec spec.json --data data.npz --out result.json
 
 Batches come from `jfast.data.make_batches` (checked against the shared plan), the model from
-`jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.train.make_train_step` with the library's
-precision policy, in-step gradient accumulation (``micro_batches``), freezing (`jfast.freezing`), the 8-bit AdamW
-(`jfast.optim.adamw_8bit`) and row-sparse word-table training (`jfast.row_sparse`). Each new batch shape is compiled ahead of time with ``step.lower(...).compile()`` and
+`jfast.models.load_hf_bert` + `init_classifier`, the step from `jfast.training.make_train_step` with the library's
+precision policy, in-step gradient accumulation (``micro_batches``), freezing (`jfast.optim.freezing`), the 8-bit AdamW
+(`jfast.optim.adamw_8bit`) and row-sparse word-table training (`jfast.cpu.row_sparse`). Each new batch shape is compiled ahead of time with ``step.lower(...).compile()`` and
 timed apart, so step times are execution only and compile time is its own column.
 """
 

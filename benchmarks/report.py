@@ -143,10 +143,12 @@ _SIDES = {"jax": "the jfast side", "torch": "the PyTorch side", "both": "both si
 
 def _hugepages_note(which: str | None, retain: str | None = None) -> str:
   note = (
-    f" glibc huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, jfast.hugepages): {_SIDES[which]}." if which else ""
+    f" glibc huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, jfast.cpu.hugepages): {_SIDES[which]}."
+    if which
+    else ""
   )
   if retain:  # absent from runs before the option existed, which retained nothing
-    note += f" Freed memory retained (jfast.hugepages.RETAIN): {_SIDES[retain]}."
+    note += f" Freed memory retained (jfast.cpu.hugepages.RETAIN): {_SIDES[retain]}."
   return note
 
 

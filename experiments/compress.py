@@ -9,11 +9,11 @@ as it comes out of the pipeline: SST-2 dev accuracy, size on disk (one safetenso
 forward pass at batch 1 and batch 32 (medians, all stages timed interleaved in one run):
 
   1 fine-tuned MiniLM    the teacher (default runs/teacher/hf), float32
-  2 pruned               gradient-importance structured pruning (heads and FFN neurons, `jfast.pruning`), then a
+  2 pruned               gradient-importance structured pruning (heads and FFN neurons, `jfast.compress`), then a
                          short recovery fine-tune distilled from the teacher
-  3 distilled student    every other layer of the pruned model (`jfast.distill.student_from_teacher`), distilled
+  3 distilled student    every other layer of the pruned model (`jfast.compress.student_from_teacher`), distilled
                          from the teacher on its soft targets (`make_distill_step`)
-  4 int8                 `jfast.quant.quantize` (int8 weights and per-token activations) of the student; the
+  4 int8                 `jfast.compress.quantize` (int8 weights and per-token activations) of the student; the
                          checkpoint stores the embedding tables as int8 rows too
   5 int8 + sparse attn.  (with --window) the int8 student with sliding-window attention at inference
 

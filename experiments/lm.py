@@ -13,7 +13,7 @@ process, alternating step by step, so load from other processes on a shared mach
 excludes evaluation, and the first step of each side (jfast: XLA compilation; PyTorch: warm-up) is reported apart.
 
 Every technique is a config word: ``--precision`` (fp32 | bf16 | fp16 | pure-bf16; PyTorch: bf16 autocast),
-``--remat`` (a `jfast.remat` policy; PyTorch: non-reentrant gradient checkpointing), ``--micro-batches``,
+``--remat`` (a `jfast.nn.remat` policy; PyTorch: non-reentrant gradient checkpointing), ``--micro-batches``,
 ``--freeze`` (none | embeddings | N bottom blocks + embeddings), ``--optimizer`` (adamw | adamw_8bit; PyTorch:
 bitsandbytes AdamW8bit), ``--attention`` / ``--window`` (dense | sliding_window; jfast only), ``--positions``
 (learned | rotary; jfast only), ``--packing`` (packed | padded).
@@ -409,7 +409,7 @@ def markdown(result: dict) -> str:
     f"{s['length']} tokens, AdamW lr {s['lr']}; {words}. "
     f"Device: {s['device']} ({s.get('cpu', 'CPU not recorded')}, {s['cpu_count']} cores); "
     f"glibc huge pages (both sides, one process): {'on' if s.get('hugepages') else 'off'}"
-    f"{', freed memory retained (jfast.hugepages.RETAIN)' if s.get('retain_freed') else ''}.",
+    f"{', freed memory retained (jfast.cpu.hugepages.RETAIN)' if s.get('retain_freed') else ''}.",
     "",
     "| side | compile s | first step s | median step s | tokens/s | final val loss | time to target s | memory |",
     "|---|---|---|---|---|---|---|---|",
@@ -483,7 +483,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup", type=float, default=0.05)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "pure-bf16"])
-  p.add_argument("--remat", default="none", help="a jfast.remat policy name")
+  p.add_argument("--remat", default="none", help="a jfast.nn.remat policy name")
   p.add_argument("--micro-batches", type=int, default=1)
   p.add_argument("--freeze", default="none", help="none | embeddings | N (embeddings + bottom N blocks)")
   p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
@@ -511,6 +511,6 @@ def main(argv=None):
 if __name__ == "__main__":
   # Both sides run in this one process. Huge pages make both step faster, and keeping freed memory in the process
   # spares jfast's step re-faulting its 331 MiB of temporaries (and the slow-step tail that came with it); PyTorch
-  # is level with it (jfast.hugepages; benchmarks.step_profile --config gpt_fp32 --ab hugepages).
+  # is level with it (jfast.cpu.hugepages; benchmarks.step_profile --config gpt_fp32 --ab hugepages).
   ensure_hugepages(retain=True)
   main()

@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_pruning_args(p: argparse.ArgumentParser) -> None:
-  """The fine-tune script's pruning switches (`experiments.finetune`): prune, then fine-tune to recover."""
+  """The fine-tune script's pruning switches (`jfast.app.finetune`): prune, then fine-tune to recover."""
   g = p.add_argument_group("pruning (start from a fine-tuned --model with --keep-head to recover after pruning)")
   g.add_argument("--keep-head", action="store_true", help="start from --model's classifier head, not a fresh one")
   g.add_argument("--prune-heads", type=float, default=0.0, help="fraction of attention heads removed (shrinks)")

@@ -1,7 +1,7 @@
 """One process of a simulated two-host run on CPU, launched twice by tests/test_sharding.py.
 
-Each process has 2 CPU devices (4 in the run), joins through `jfast.distributed.initialize` (settings from the
-``JFAST_*`` environment), loads only its shard of a synthetic dataset, and trains with `jfast.loop.fit` on a
+Each process has 2 CPU devices (4 in the run), joins through `jfast.parallel.distributed.initialize` (settings from the
+``JFAST_*`` environment), loads only its shard of a synthetic dataset, and trains with `jfast.training.loop.fit` on a
 ``data=2 x tensor=2`` mesh spanning both processes. It then rebuilds every host's batches (the data and seeds are
 shared, so it can), concatenates them into the global batches, replays them on one local device, and prints one
 JSON line: the two runs' losses and largest parameter difference. With ``JFAST_TEST_CHECKPOINT_DIR`` set, both

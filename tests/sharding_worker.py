@@ -158,7 +158,7 @@ def main() -> dict:
     "compiles": step8.num_compiles,
   }
 
-  # Row-sparse word-table training (jfast.row_sparse) with the table split over fsdp, then over tensor.
+  # Row-sparse word-table training (jfast.cpu.row_sparse) with the table split over fsdp, then over tensor.
   tx_rows = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_ratio=0.0, row_sparse_embeddings="exact"), 20)
   out["row_sparse"] = {}
   for name, axes in (("fsdp8", dict(data=1, fsdp=8)), ("data4_tensor2", dict(data=4, tensor=2))):

@@ -1,4 +1,4 @@
-"""jfast.activations.gelu against float64 numpy (values, and gradients by central differences), both forms."""
+"""jfast.nn.activations.gelu against float64 numpy (values, and gradients by central differences), both forms."""
 
 import math
 

@@ -192,7 +192,7 @@ def test_dropout_keeps_the_window_and_is_reproducible():
   def run(v, key):
     return module.apply({}, q, k, v, seg, deterministic=False, rngs={"dropout": key})
 
-  keys = jax.random.split(jax.random.key(0, impl="rbg"))  # the PRNG jfast.train uses for dropout
+  keys = jax.random.split(jax.random.key(0, impl="rbg"))  # the PRNG jfast.training uses for dropout
   a, b, c = run(v, keys[0]), run(v, keys[0]), run(v, keys[1])
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3

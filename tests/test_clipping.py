@@ -1,4 +1,4 @@
-"""jfast.clipping.clip_by_global_norm against a float64 numpy reference and against optax's own clip."""
+"""jfast.optim.clipping.clip_by_global_norm against a float64 numpy reference and against optax's own clip."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""jfast.dropout: the hash mask against a numpy re-implementation, its statistics, and the Linen module."""
+"""jfast.nn.dropout: the hash mask against a numpy re-implementation, its statistics, and the Linen module."""
 
 import jax
 import jax.numpy as jnp

@@ -274,7 +274,7 @@ def test_load_refuses_mismatched_config(torch_folder, tmp_path):
 
 
 def test_sharding_rules_cover_the_decoder():
-  """The one rules table (`jfast.sharding`) lays GPT weights out Megatron-style, as it does BERT's."""
+  """The one rules table (`jfast.parallel.sharding`) lays GPT weights out Megatron-style, as it does BERT's."""
   from jax.sharding import PartitionSpec as P
 
   from jfast.parallel import partition_spec
@@ -339,7 +339,7 @@ def test_every_bf16_train_step_dot_is_bf16_the_tied_head_too():
   batch = lm_batches(pack_documents(docs, 64, pad_id=0, vocab_size=512), 8)[0]
   step = make_train_step(causal_lm_loss(model), policy=policy)
   hlo = step.lower(state, batch).compile().as_text()
-  # The model's products carry its op names; the bias gradients' `ones @ g` dots (jfast.mixed_dots.add_bias) carry
+  # The model's products carry its op names; the bias gradients' `ones @ g` dots (jfast.cpu.dots.add_bias) carry
   # none, and at this toy width XLA:CPU runs those in float32 for their size alone.
   operand_types = _dot_operand_types(hlo, "GPT")
   if ("bf16", "bf16") not in operand_types:

@@ -1,4 +1,4 @@
-"""jfast.hugepages: the environment it builds, when the entry points re-execute, and that XLA's buffers get THP."""
+"""jfast.cpu.hugepages: the environment it builds, when the entry points re-execute, and that XLA's buffers get THP."""
 
 import os
 import subprocess

@@ -1,6 +1,6 @@
 """``jfast report``: the latest result of every experiment and benchmark in one ``report.md`` and ``report.html``.
 
-Sources are the run folders (`jfast.runs`) and the experiments' output folders under ``results/``: each output
+Sources are the run folders (`jfast.app.runs`) and the experiments' output folders under ``results/``: each output
 folder's markdown tables and PNG plots are copied in, headed by the machine that produced them
 (``machine.json``, written by ``jfast experiment``/``jfast bench``), so a CPU run and a GPU run of the same script
 can be read side by side.

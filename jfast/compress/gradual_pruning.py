@@ -94,7 +94,7 @@ def keep_pruned(inner: optax.GradientTransformation, mask) -> optax.GradientTran
   """Trains under a fixed pruning mask: pruned weights become zero on the first step and stay exactly zero.
 
   Args:
-    inner: the optimizer (e.g. `jfast.train.make_optimizer`'s AdamW chain).
+    inner: the optimizer (e.g. `jfast.optim.make_optimizer`'s AdamW chain).
     mask: a bool pytree shaped like the parameters (True = keep), from `magnitude_mask` or `nm_mask`.
 
   Returns:

@@ -32,7 +32,7 @@ def save_quantized(path: str | Path, params: Any, *, config: Any = None, embeddi
 
   Args:
     path: the file to write (parents are created).
-    params: a nested dict of arrays, e.g. `jfast.quant.quantize`'s output.
+    params: a nested dict of arrays, e.g. `jfast.compress.quantize`'s output.
     config: a `BertConfig` (frozen dataclass) stored as JSON metadata, so `load_quantized` rebuilds the model.
     embeddings: ``"float32"`` stores embedding tables as they are (the file round-trips bit for bit);
       ``"int8"`` stores each table row as int8 with one float32 scale per row, which `load_quantized` turns back

@@ -81,7 +81,7 @@ def quantize(
     raise ValueError(f"no layer named {sorted(set(layers))} with a kernel in params; nothing to quantize")
   if mode == "int8-static":
     if input_scales is None:
-      raise ValueError("mode 'int8-static' needs input_scales (from jfast.quant.calibrate)")
+      raise ValueError("mode 'int8-static' needs input_scales (from jfast.compress.calibrate)")
     missing = [path for path in targets if path not in input_scales]
     if missing:
       raise ValueError(f"input_scales has no scale for {len(missing)} layers, e.g. {'/'.join(missing[0])}")
@@ -148,7 +148,7 @@ def calibrate(
     raise ValueError("calibrate runs the float model; got already quantized params")
   names = set(layers)
   if getattr(model, "last_layer_pooled_only", False):
-    # Every token's range, as before the last layer learnt to skip rows: the scales then serve either form.
+    # Every token's range, the last layer's included: the scales then serve the [CLS]-only form and the full one.
     model = model.clone(last_layer_pooled_only=False)
   if getattr(model.config, "fuse_qkv", False):
     model = model.clone(config=model.config.replace(fuse_qkv=False))  # each projection's input is its own Dense's

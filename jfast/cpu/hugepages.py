@@ -1,24 +1,23 @@
-"""Transparent huge pages for XLA:CPU's buffers, through glibc's ``glibc.malloc.hugetlb=1`` tunable.
+"""Transparent huge pages for XLA:CPU's buffers, through glibc's ``glibc.malloc.hugetlb=1`` tunable; CPU only.
 
 XLA:CPU allocates every temporary buffer of a step afresh. Big ones (MiniLM's 47 MB word-embedding gradient, the
 optimizer's per-leaf temporaries) come from ``mmap`` in 4 KiB pages, so each step takes one page fault per 4 KiB
-written: zero-filling the embedding gradient took 13-20 ms of a 160-220 ms step on the 2-core CPU, three times
-numpy's time for the same fill (numpy asks the kernel for huge pages with ``madvise``). With glibc's tunable set,
-malloc asks for transparent huge pages too: the fill drops to 3.3 ms and a whole bf16 MiniLM train step is 1.19x
-(32x9 tokens) to 1.24x (packed 8x57 rows) faster (``python -m benchmarks.step_profile --ab hugepages``), the GPT
-of `experiments.lm` 1.34x in bf16 and 1.09x in fp32 (``--config gpt_bf16|gpt_fp32``). The
-tunable is read when a process starts, so the command-line entry points re-execute themselves once with it set
-(`ensure_hugepages`); library users set it in their own launcher
-(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py``). ``JFAST_HUGEPAGES=0`` turns the re-execution off. It
-needs Linux, glibc 2.35 or newer and transparent huge pages not set to ``never``.
+written: zero-filling the embedding gradient took 13-20 ms of a 160-220 ms step on a 2-core AVX512-BF16 EPYC, three
+times numpy's time for the same fill (numpy asks the kernel for huge pages with ``madvise``). With glibc's tunable
+set, malloc asks for transparent huge pages too: there the fill drops to 3.3 ms and a whole bf16 MiniLM train step
+is 1.19x (32x9 tokens) to 1.24x (packed 8x57 rows) faster (``python -m benchmarks.step_profile --ab hugepages``),
+the GPT of `experiments.lm` 1.34x in bf16 and 1.09x in fp32 (``--config gpt_bf16|gpt_fp32``). The tunable is read
+when a process starts, so the command-line entry points re-execute themselves once with it set (`ensure_hugepages`),
+and only when JAX's backend is the CPU (`cpu_backend`): on a GPU or TPU the step's buffers are not host memory.
+Library users on a CPU set it in their own launcher (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py``).
+``JFAST_HUGEPAGES=0`` turns the re-execution off. It needs Linux, glibc 2.35 or newer and transparent huge pages
+not set to ``never``.
 
-PyTorch's MiniLM step did not gain from it in session 4: its eager CPU step ran 0.86x as fast with the tunable
-(median of three processes each; the cause was not investigated), so `benchmarks.compare` set it for the jfast
-side only. On the Zen 5 EPYC of sessions 9-12 the same step gains 1.09x from huge pages and 1.26x from huge pages
-with `RETAIN` (`docs/figures/allocator_ab_zen5_s12.md`), so the comparison now takes each side's allocator setting
-as options (``--hugepages``, ``--retain-freed``, both on for both sides by default) and says in its table which
-side had which. PyTorch's GPT-2 step in `experiments.lm` gained in bf16 and was level in fp32, so
-that experiment, whose two sides share one process, runs with it on both.
+PyTorch's CPU step gains from the same tunables on the Zen 5 EPYC (1.09x from huge pages, 1.26x with `RETAIN`,
+`docs/figures/allocator_ab_zen5_s12.md`) and lost from them on the AVX512-BF16 one (0.86x), so `benchmarks.compare`
+takes each side's allocator setting as options (``--hugepages``, ``--retain-freed``, both on for both sides by
+default) and says in its table which side had which. PyTorch's GPT-2 step in `experiments.lm` gained in bf16 and
+was level in fp32, so that experiment, whose two sides share one process, runs with it on both.
 
 Huge pages make each fault cheaper, but the faults remain: glibc returns every freed buffer above its mmap
 threshold (at most 32 MiB) to the kernel, so XLA's 331 MiB of step temporaries for the GPT are mapped, zero-filled
@@ -29,9 +28,8 @@ with ``MADV_DONTNEED`` on their own schedule). Freed buffers then stay in the pr
 each) the fp32 GPT step of `experiments.lm` went 659 -> 576 ms (1.14x; 70 ms of kernel time and ~450 faults a step
 -> none), and the slow-step tail of that experiment's one-process comparison went away (30 -> 3 of 118 steps over
 1.3x the median); MiniLM's packed step, whose temporaries are small, was level (345 -> 337 ms, inside the spread
-between processes), and level again on the Zen 5 EPYC (65.8 -> 67.2 ms, with steadier processes). The price is
-that a process keeps its peak memory until it exits, so only `experiments.lm` (and ``jfast experiment lm``) asks
-for it; PyTorch's GPT-2 step, in the same process, was level with it.
+between processes), and level on the Zen 5 EPYC too (65.8 -> 67.2 ms). The price is that a process keeps its peak
+memory until it exits, so only `experiments.lm` (and ``jfast experiment lm``) asks for it.
 """
 
 from __future__ import annotations

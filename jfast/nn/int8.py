@@ -1,7 +1,7 @@
 """Symmetric int8 numerics: per-channel weight scales, per-token activation scales, the int8 matmul, fake quant.
 
-Everything here is a pure function of arrays, so the Flax module (`jfast.quant.dense`), post-training quantization
-(`jfast.quant.ptq`) and the tests share one definition of what "int8" means:
+Everything here is a pure function of arrays, so the Flax module (`jfast.nn.quant_dense`), post-training quantization
+(`jfast.compress.quantization`) and the tests share one definition of what "int8" means:
 
 - values are rounded to the nearest integer of ``x / scale`` and clipped to ``[-127, 127]``: symmetric, so -128 is
   never produced and ``-q`` is always representable;
@@ -75,7 +75,7 @@ def quantize_per_token(x_NxI: jax.Array) -> tuple[jax.Array, jax.Array]:
 def int8_matmul(x_q_NxI: jax.Array, w_q_IxO: jax.Array) -> jax.Array:
   """``x_q @ w_q`` over the last axis of ``x_q``, int8 operands, exact int32 accumulation.
 
-  Exact (no rounding at all) while ``in <= MAX_CONTRACTION``; `jfast.quant.quantize` refuses wider kernels.
+  Exact (no rounding at all) while ``in <= MAX_CONTRACTION``; `jfast.compress.quantize` refuses wider kernels.
   """
   if x_q_NxI.dtype != jnp.int8 or w_q_IxO.dtype != jnp.int8:
     raise TypeError(f"int8_matmul takes int8 operands, got {x_q_NxI.dtype} and {w_q_IxO.dtype}")

@@ -6,9 +6,9 @@
 - ``"int8"``: ``kernel`` int8 ``[in, out]``, ``kernel_scale`` float32 ``[out]``, ``bias`` float32 ``[out]``;
   activations are quantized per token at run time (dynamic range).
 - ``"int8-static"``: the same plus ``input_scale`` float32 ``[]``, one activation scale per layer from calibration
-  (`jfast.quant.calibrate`), so no reduction over the activations runs at inference.
+  (`jfast.compress.calibrate`), so no reduction over the activations runs at inference.
 - ``"qat"``: ``kernel`` and ``bias`` float32, exactly ``nn.Dense``'s tree, so a float checkpoint fine-tunes under
-  fake quantization as it is, and `jfast.quant.quantize` turns the result into ``"int8"`` parameters.
+  fake quantization as it is, and `jfast.compress.quantize` turns the result into ``"int8"`` parameters.
 """
 
 from __future__ import annotations

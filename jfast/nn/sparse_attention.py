@@ -6,7 +6,7 @@ reach, so time and memory are ``O(L * (w + C))`` and no ``L x L`` array is ever 
 global query's softmax over its whole segment is a segment sum over keys. Each part returns unnormalised
 (numerator, denominator, running max), so the parts merge exactly by the log-sum-exp rule.
 
-Kept apart from `jfast.attention` (configuration, dense kernel, backend choice, the Flax module) because it is the
+Kept apart from `jfast.nn.attention` (configuration, dense kernel, backend choice, the Flax module) because it is the
 one piece with its own algorithm; the public entry points live there.
 """
 

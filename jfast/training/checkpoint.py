@@ -50,7 +50,7 @@ class Checkpointer:
     Args:
       target: a state with the right structure (e.g. the freshly initialised state, or its `jax.eval_shape`).
         Its leaves' shardings decide where the restored arrays land, whatever mesh saved them:
-        `jfast.sharding.abstract_tree(state, mesh)` restores onto another mesh shape (``mesh=None``: one device).
+        `jfast.parallel.sharding.abstract_tree(state, mesh)` restores onto another mesh shape (``mesh=None``: one device).
 
     Returns:
       ``(state, data_position)``, or None when there is no checkpoint yet.
