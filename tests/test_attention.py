@@ -280,7 +280,7 @@ def test_positions_beyond_the_table_need_an_extension():
   )  # fmt: skip
   model = BertModel(config)
   ids = jnp.asarray(np.random.default_rng(8).integers(1, 50, size=(2, 16)), jnp.int32)
-  params = model.init(jax.random.key(0), ids)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
   long_ids = jnp.concatenate([ids, ids[:, :9]], axis=1)
   with pytest.raises(ValueError, match=r"exceeds the position table.*extend_position_embeddings"):
     jax.jit(model.apply)({"params": params}, long_ids)

@@ -81,7 +81,7 @@ def test_random_small_config_matches_pytorch(tmp_path):
 def test_export_loads_in_pytorch_with_same_outputs(tmp_path):
   model = BertForSequenceClassification(SMALL, num_labels=3)
   ids, mask = _random_batch(np.random.default_rng(2), 1000, [20, 9, 31, 3])
-  params = model.init(jax.random.PRNGKey(3), ids, mask)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(3), ids, mask)["params"]
   # Perturb norms and biases away from their 1/0 init so a transposed or swapped tensor would show.
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
   save_hf_bert(tmp_path, SMALL, params, label_names=("a", "b", "c"))
@@ -105,7 +105,7 @@ def test_export_loads_in_pytorch_with_same_outputs(tmp_path):
 def test_segment_ids_equal_attention_mask_for_unpacked_rows():
   model = BertModel(SMALL)
   ids, mask = _random_batch(np.random.default_rng(4), 1000, [12, 30, 7])
-  params = model.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids, mask)["params"]
   via_mask, _ = model.apply({"params": params}, ids, mask)
   via_segments, _ = model.apply({"params": params}, ids, segment_ids=mask)
   np.testing.assert_array_equal(np.asarray(via_mask), np.asarray(via_segments))
@@ -114,7 +114,7 @@ def test_segment_ids_equal_attention_mask_for_unpacked_rows():
 @pytest.fixture
 def small_folder(tmp_path):
   model = BertModel(SMALL)
-  params = model.init(jax.random.PRNGKey(0), np.ones((1, 4), np.int32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.ones((1, 4), np.int32))["params"]
   save_hf_bert(tmp_path / "m", SMALL, params)
   return tmp_path / "m"
 

@@ -313,3 +313,130 @@ def test_bad_input_gives_clear_errors(teacher):
     make_distill_step(student, None, donate=False)(state, None, bad)
   with pytest.raises(ValueError, match="teacher's params"):
     make_distill_step(student, t_model, donate=False)(state, None, packed)
+
+
+# ------------------------------------------------------------------ the whole loss against a float64 numpy reference
+
+
+def _np_internals(model, params, batch):
+  """Logits ``[B, S, C]`` and hidden states ``[B, L, D]`` in float64: embeddings first, so ``hidden[i]`` is layer
+  ``i``'s input and ``hidden[i + 1]`` its output.
+
+  Read with Flax's ``capture_intermediates`` on every module (not the library's filter), every row of the last layer.
+  """
+  full = model.clone(last_layer_pooled_only=False)
+  logits, state = full.apply(
+    {"params": params},
+    batch.input_ids,
+    segment_ids=batch.segment_ids,
+    position_ids=batch.position_ids,
+    cls_positions=batch.cls_positions,
+    capture_intermediates=True,
+    mutable=["intermediates"],
+  )
+  tree = state["intermediates"]["bert"]
+  hidden = [np.asarray(tree["embeddings"]["__call__"][0], np.float64)]
+  for i in range(model.config.num_hidden_layers):
+    hidden.append(np.asarray(tree[f"encoder_layer_{i}"]["__call__"][0], np.float64))
+  return np.asarray(logits, np.float64), hidden
+
+
+def _np_projection(params, layer, name, x):
+  p = params["bert"][f"encoder_layer_{layer}"][name]
+  return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def _np_distillation_reference(s_model, s_params, t_model, t_params, batch, config, layer_map):
+  """The whole distillation loss, term by term, example by example, in float64: ``(loss, sums)``."""
+  s_logits, s_hidden = _np_internals(s_model, s_params, batch)
+  t_logits, t_hidden = _np_internals(t_model, t_params, batch)
+  heads, head_dim = TINY.num_attention_heads, TINY.head_dim
+  t = config.temperature
+  sums = dict.fromkeys(("kd_sum", "ce_sum", "hidden_sum", "attention_sum", "examples", "correct"), 0.0)
+  pairs = [(i + 1, j + 1) for i, j in enumerate(layer_map)]
+  if config.match_embeddings:
+    pairs = [(0, 0), *pairs]
+  seg = np.asarray(batch.segment_ids)
+
+  def probs(params, layer, x):  # one example's [H, n, n] attention distributions from the layer's input rows
+    q = _np_projection(params, layer, "query", x).reshape(len(x), heads, head_dim)
+    k = _np_projection(params, layer, "key", x).reshape(len(x), heads, head_dim)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  for b, s in zip(*np.nonzero(np.asarray(batch.example_mask)), strict=True):
+    tokens = np.flatnonzero(seg[b] == s + 1)  # slot s holds segment s + 1 (checked below via cls_positions)
+    assert tokens[0] == batch.cls_positions[b, s]
+    zs, zt, label = s_logits[b, s], t_logits[b, s], int(batch.labels[b, s])
+    sums["examples"] += 1.0
+    sums["correct"] += float(np.argmax(zs) == label)
+    sums["ce_sum"] += -_np_log_softmax(zs)[label]
+    sums["kd_sum"] += float(_np_kl(zs[None], zt[None], t)[0])
+    per_pair = [np.mean((s_hidden[i][b, tokens] - t_hidden[j][b, tokens]) ** 2) for i, j in pairs]
+    sums["hidden_sum"] += np.mean(per_pair)
+    per_layer = []
+    for i, j in enumerate(layer_map):
+      ps, pt = probs(s_params, i, s_hidden[i][b, tokens]), probs(t_params, j, t_hidden[j][b, tokens])
+      per_layer.append(np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), -1)))  # sum over keys, mean over heads/queries
+    sums["attention_sum"] += np.mean(per_layer)
+  loss_sum = (
+    config.alpha * sums["kd_sum"]
+    + (1 - config.alpha) * sums["ce_sum"]
+    + config.hidden_weight * sums["hidden_sum"]
+    + config.attention_weight * sums["attention_sum"]
+  )
+  return loss_sum / sums["examples"], {**sums, "loss_sum": loss_sum}
+
+
+def _scale_encoder_kernels(params, factor):
+  params = jax.tree.map(np.array, params)  # a copy: the module fixture's teacher stays as it is
+  for name, layer in params["bert"].items():
+    if name.startswith("encoder_layer_"):
+      for proj in ("query", "key", "value", "attention_output", "intermediate", "output"):
+        layer[proj]["kernel"] = layer[proj]["kernel"] * factor
+  return params
+
+
+@pytest.mark.parametrize(
+  ("config", "layer_map"),
+  [
+    # The default map pairs student layer i with teacher layer (i + 1) * 4 // 2 - 1: (1, 3).
+    (DistillConfig(temperature=2.0, alpha=0.3, hidden_weight=0.7, attention_weight=0.4), (1, 3)),
+    (DistillConfig(temperature=3.0, alpha=0.6, hidden_weight=1.5, attention_weight=0.9, layer_map=(1, 3)), (1, 3)),
+    (
+      DistillConfig(
+        temperature=1.5, alpha=0.25, hidden_weight=2.0, attention_weight=1.3, layer_map=(2, 0), match_embeddings=False
+      ),
+      (2, 0),
+    ),
+  ],
+  ids=["default_map", "map_1_3", "map_2_0_no_embeddings"],
+)
+def test_distillation_loss_matches_float64_reference(teacher, config, layer_map):
+  t_model, t_params = teacher
+  s_config, s_params = fresh_student(TINY, 2, jax.random.key(7), num_hidden_layers=2)
+  # Larger encoder kernels than the init's (std 0.02), whose layers are all near the identity: each teacher layer
+  # then differs from the others (so the layer map matters) and attention maps peak (the attention term is large).
+  t_params, s_params = _scale_encoder_kernels(t_params, 12.0), _scale_encoder_kernels(s_params, 12.0)
+  s_params["classifier"]["kernel"] = s_params["classifier"]["kernel"] * 50.0  # confident, like the teacher
+  student = BertForSequenceClassification(s_config, num_labels=2)
+  packed, _ = _packed_and_unpacked(seed=3)
+  # The batch has padding tokens and empty example slots, so masking is part of what is checked.
+  assert (packed.segment_ids == 0).any() and not packed.example_mask.all()
+  want_loss, want = _np_distillation_reference(student, s_params, t_model, t_params, packed, config, layer_map)
+  # Every term is far from zero, and the layer map matters: another map gives other hidden / attention sums.
+  for key in ("kd_sum", "ce_sum", "hidden_sum", "attention_sum"):
+    assert want[key] > 0.5, (key, want[key])
+  other = (0, 2) if layer_map != (0, 2) else (1, 3)
+  _, wrong = _np_distillation_reference(student, s_params, t_model, t_params, packed, config, other)
+  assert abs(wrong["hidden_sum"] / want["hidden_sum"] - 1) > 1e-3
+  assert abs(wrong["attention_sum"] / want["attention_sum"] - 1) > 1e-3
+
+  loss_fn = jax.jit(distillation_loss(student, t_model, config), static_argnums=3)
+  loss, aux = loss_fn(s_params, packed, None, True, t_params)
+  for key in ("kd_sum", "ce_sum", "hidden_sum", "attention_sum", "loss_sum"):
+    np.testing.assert_allclose(float(aux[key]), want[key], rtol=1e-5, err_msg=key)
+  assert float(aux["examples"]) == want["examples"] == packed.example_mask.sum()
+  assert float(aux["correct"]) == want["correct"]
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)

@@ -43,5 +43,5 @@ def test_nnx_split_trains_the_modules_own_parameters():
   assert len(flat_ours) == 4
   for a, b in zip(flat_ours, flat_theirs, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
-  with pytest.raises(TypeError, match="nnx.Module"):
+  with pytest.raises(TypeError, match=r"nnx\.Module"):
     nnx_split(lambda v: v)

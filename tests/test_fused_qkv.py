@@ -70,8 +70,8 @@ def test_same_parameters_and_fewer_products():
   ids = np.random.default_rng(0).integers(1, SMALL.vocab_size, size=(3, 21)).astype(np.int32)
   fused = BertForSequenceClassification(SMALL.replace(fuse_qkv=True), num_labels=3)
   apart = _apart(fused)
-  p_fused = fused.init(jax.random.PRNGKey(4), ids)["params"]
-  p_apart = apart.init(jax.random.PRNGKey(4), ids)["params"]
+  p_fused = jax.jit(fused.init)(jax.random.PRNGKey(4), ids)["params"]
+  p_apart = jax.jit(apart.init)(jax.random.PRNGKey(4), ids)["params"]
   assert jax.tree.structure(p_fused) == jax.tree.structure(p_apart)
   for a, b in zip(jax.tree.leaves(p_fused), jax.tree.leaves(p_apart), strict=True):
     np.testing.assert_array_equal(a, b)  # same paths, same initial values: checkpoints and HF folders interchange
@@ -89,7 +89,7 @@ def test_same_parameters_and_fewer_products():
 def test_quantized_layers_stay_apart():
   ids = np.random.default_rng(0).integers(1, SMALL.vocab_size, size=(2, 9)).astype(np.int32)
   model = BertForSequenceClassification(SMALL.replace(quantization="qat", fuse_qkv=True), num_labels=2)
-  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
   fused_logits = model.apply({"params": params}, ids)
   apart_logits = _apart(model).apply({"params": params}, ids)
   np.testing.assert_array_equal(fused_logits, apart_logits)
@@ -105,7 +105,7 @@ def test_calibration_and_distillation_read_each_projection_of_a_fused_model():
   seqs = [rng.integers(1, SMALL.vocab_size, rng.integers(4, 25)) for _ in range(5)]
   batch = batch_from_rows(seqs, np.zeros(5, np.int32), 24, pad_id=0)
   fused = BertForSequenceClassification(SMALL.replace(fuse_qkv=True), num_labels=3)
-  params = fused.init(jax.random.PRNGKey(2), batch.input_ids[:1])["params"]
+  params = jax.jit(fused.init)(jax.random.PRNGKey(2), batch.input_ids[:1])["params"]
   scales = quant.calibrate(fused, params, [batch])
   assert scales == quant.calibrate(_apart(fused), params, [batch])
   assert any(path[-1] == "query" for path in scales)

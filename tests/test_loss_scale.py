@@ -160,7 +160,7 @@ def _batches():
 
 
 def _state(model, loss_scale):
-  params = model.init(jax.random.PRNGKey(0), np.ones((1, 4), np.float32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.ones((1, 4), np.float32))["params"]
   return create_train_state(model, params, optax.adam(0.1), loss_scale=loss_scale)
 
 
@@ -209,3 +209,86 @@ def test_dynamic_scale_checkpoints_and_restores_every_field(tmp_path):
   fresh = _state(model, CUSTOM.replace(loss_scale=np.float32(1.0), counter=np.int32(0)))
   restored, _ = Checkpointer(tmp_path / "ckpt").restore_latest(fresh)
   assert _fields(restored.loss_scale) == _fields(CUSTOM)
+
+
+# ------------------------------------------------------------- the same skip when the step accumulates micro-batches
+
+
+def _fp16_bert_setup():
+  from jfast.data import batch_from_rows
+  from jfast.models import BertConfig, BertForSequenceClassification
+  from jfast.precision import get_policy
+
+  config = BertConfig(
+    vocab_size=50,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+  )
+  model = BertForSequenceClassification(get_policy("fp16").configure(config), num_labels=2)
+  params = jax.jit(BertForSequenceClassification(config, num_labels=2).init)(
+    jax.random.key(0), np.ones((1, 4), np.int32)
+  )
+  params = jax.tree.map(np.array, params["params"])
+  # Token 49 is the poison: its embedding row is inf, so any batch holding it has a non-finite loss and gradient,
+  # while batches without it never read the row (their embedding gradient there is a plain zero).
+  params["bert"]["embeddings"]["word_embeddings"]["embedding"][49] = np.inf
+  rng = np.random.default_rng(0)
+
+  def batch(poison_row=None):
+    rows = [rng.integers(1, 49, size=n).astype(np.int32) for n in rng.integers(4, 16, size=7)]
+    if poison_row is not None:
+      rows[poison_row][2] = 49
+    # 7 real rows and one padding row of 8: micro-batches hold different real counts.
+    return batch_from_rows(rows, rng.integers(0, 2, size=7), 16, pad_id=0, num_rows=8)
+
+  return model, params, batch
+
+
+@pytest.mark.parametrize(("micro_batches", "poison_row"), [(2, 5), (4, 1)])
+def test_fp16_overflow_in_one_micro_batch_skips_the_whole_accumulated_step(micro_batches, poison_row):
+  from jfast.training import classification_loss
+
+  model, params, make_batch = _fp16_bert_setup()
+  good = [make_batch() for _ in range(3)]
+  poisoned = make_batch(poison_row)
+  step = make_train_step(classification_loss(model), policy="fp16", micro_batches=micro_batches, donate=False)
+
+  def fresh():
+    state = create_train_state(model, params, optax.adam(1e-2), policy="fp16", loss_scale=DynamicLossScale(2.0**10))
+    assert isinstance(state.loss_scale, DynamicLossScale)
+    return state
+
+  state, metrics = step(fresh(), good[0])
+  assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+  # The accumulated gradient is unscaled: its norm is the float32 model's (float16 compute: within 2%).
+  f32_loss = classification_loss(model.clone(config=model.config.replace(dtype="float32")))
+  want = jax.jit(jax.grad(lambda p: f32_loss(p, good[0], None, True)[0]))(params)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(want)), rtol=2e-2)
+  before = jax.device_get((state.params, state.opt_state))
+  state, metrics = step(state, poisoned)
+  assert not np.isfinite(float(metrics["loss"]))  # the overflow really happened, in one micro-batch of the step
+  after = jax.device_get((state.params, state.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, after, before)  # bit for bit (the inf row compares equal to itself)
+  assert float(metrics["skipped"]) == 1.0 and float(metrics["loss_scale"]) == 2.0**10
+  assert float(state.loss_scale.loss_scale) == 2.0**9 and int(state.loss_scale.counter) == 0
+  assert int(state.step) == 2
+  state, metrics = step(state, good[1])
+  assert float(metrics["skipped"]) == 0.0 and float(metrics["loss_scale"]) == 2.0**9
+  moved = jax.device_get(state.params)
+  assert float(np.abs(moved["classifier"]["kernel"] - after[0]["classifier"]["kernel"]).max()) > 0
+  state, _ = step(state, good[2])
+  assert step.num_compiles == 1 and int(state.step) == 4
+
+  # The run without the poisoned batch, its scale set to the halved one after its first step as the skip set this
+  # run's, ends bit for bit where this one does: nothing of the skipped step leaked in.
+  clean, _ = step(fresh(), good[0])
+  clean = clean.replace(loss_scale=DynamicLossScale(2.0**9))
+  for batch in good[1:]:
+    clean, _ = step(clean, batch)
+  assert int(clean.opt_state[0].count) == int(state.opt_state[0].count) == 3
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(clean.params))

@@ -42,8 +42,12 @@ def real_batch(tokenizer, sst2_dev_sentences):
 
 
 def _params(model, batch):
-  params = model.init(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
-  return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
+  @jax.jit
+  def init(ids):  # one compile instead of an op-by-op init and a perturbation per leaf
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
+    return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
+
+  return init(batch.input_ids[:1])
 
 
 def _assert_trees_close(a, b, atol):
@@ -84,7 +88,7 @@ def test_full_remat_cuts_compiled_step_memory_on_this_backend():
   rng = np.random.default_rng(0)
   batch = batch_from_rows(list(rng.integers(1, 1000, size=(8, 256))), rng.integers(0, 2, 8), 256, pad_id=0)
   model = BertForSequenceClassification(config, num_labels=2)
-  params = model.init(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
 
   def temp_bytes(policy, options):
     m = BertForSequenceClassification(config.replace(remat_policy=policy), num_labels=2)
@@ -223,3 +227,144 @@ def test_frozen_step_keeps_frozen_weights_and_drops_their_backward(real_batch):
   new = jax.device_get(state.params)
   for p0, p1, m in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(mask), strict=True):
     assert np.array_equal(np.asarray(p0), p1) == m
+
+
+# --------------------------------------------------------------- what each remat policy saves, read from the jaxpr
+
+RESIDUAL_CONFIG = BertConfig(
+  vocab_size=100,
+  hidden_size=32,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  intermediate_size=48,
+  max_position_embeddings=32,
+  hidden_dropout_prob=0.0,
+  attention_probs_dropout_prob=0.0,
+)
+
+
+@pytest.fixture(scope="module")
+def residuals_by_policy():
+  """``policy -> [(shape, dtype, what)]`` of the residuals autodiff saves for the classifier's loss (parameters
+  excluded); ``what`` is the `checkpoint_name` tag of a tagged value, ``dot`` for other dot_general outputs, else ''."""
+  import re
+
+  from jax._src.ad_checkpoint import saved_residuals  # the function behind jax.ad_checkpoint.print_saved_residuals
+
+  rng = np.random.default_rng(0)
+  rows = [rng.integers(1, 100, size=n).astype(np.int32) for n in (12, 7, 16, 3, 9)]
+  batch = batch_from_rows(rows, np.array([0, 1, 1, 0, 1]), 16, pad_id=0, num_rows=6)
+  params = jax.jit(BertForSequenceClassification(RESIDUAL_CONFIG).init)(jax.random.key(0), batch.input_ids[:1])[
+    "params"
+  ]
+  out = {}
+  for policy in ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_attention_out", "save_layer_out"):
+    # Every layer on all rows (the last one too), so each layer saves the same shapes.
+    model = BertForSequenceClassification(RESIDUAL_CONFIG.replace(remat_policy=policy), last_layer_pooled_only=False)
+    loss_fn = classification_loss(model)
+    found = []
+    for aval, source in saved_residuals(lambda p, f=loss_fn: f(p, batch, None, True)[0], params):
+      if "argument" in source:
+        continue
+      tag = re.search(r"named '(\w+)'", source)
+      what = tag.group(1) if tag else ("dot" if "dot_general" in source else "")
+      found.append((tuple(aval.shape), aval.dtype.name, what))
+    out[policy] = found
+  return out
+
+
+def _bytes(residuals):
+  return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype, _ in residuals)
+
+
+def test_each_remat_policy_saves_exactly_its_tagged_activations(residuals_by_policy):
+  from collections import Counter
+
+  res = residuals_by_policy
+  n = RESIDUAL_CONFIG.num_hidden_layers
+  b, length, d, f = 6, 16, RESIDUAL_CONFIG.hidden_size, RESIDUAL_CONFIG.intermediate_size
+  heads, head_dim = RESIDUAL_CONFIG.num_attention_heads, RESIDUAL_CONFIG.head_dim
+  size = {policy: _bytes(r) for policy, r in res.items()}
+  full = Counter(res["full"])
+  extra = {policy: Counter(r) - full for policy, r in res.items()}
+
+  # `full` keeps the layer boundaries only: each layer's input (the previous layer's tagged output), no projection.
+  assert Counter(what for *_, what in res["full"] if what) == {"layer_out": n - 1}
+  assert [s for s, _, what in res["full"] if what == "layer_out"] == [(b, length, d)] * (n - 1)
+  assert not any(len(s) == 4 for s, _, _ in res["full"]), res["full"]
+  # Without remat every projection output is kept, under its tag.
+  tags = Counter(what for *_, what in res["none"])
+  assert all(tags[t] == n for t in ("query_proj", "key_proj", "value_proj", "mlp_hidden")), tags
+  assert [s for s, _, what in res["none"] if what == "query_proj"] == [(b, length, heads, head_dim)] * n
+
+  for policy in ("dots", "dots_no_batch", "save_qkv", "save_attention_out", "save_layer_out"):
+    assert not full - Counter(res[policy]), policy  # every policy keeps at least what `full` keeps
+  # The named policies add exactly their tagged arrays: 3 [B, L, H, D] projections per layer, one [B, L, D] output.
+  qkv = (b, length, heads, head_dim)
+  assert extra["save_qkv"] == {
+    (qkv, "float32", "query_proj"): n,
+    (qkv, "float32", "key_proj"): n,
+    (qkv, "float32", "value_proj"): n,
+  }
+  assert extra["save_attention_out"] == {((b, length, d), "float32", "attention_out"): n}
+  # The six Dense outputs of each layer; `dots` also the two batched attention products (scores, context).
+  dense = {((b, length, d), "float32", "dot"): 5 * n, ((b, length, f), "float32", "dot"): n}
+  assert extra["dots_no_batch"] == dense
+  batched = extra["dots"] - Counter(dense)
+  assert sum(batched.values()) == 2 * n and all(len(s) == 4 and s[:2] == (b, heads) for s, *_ in batched), batched
+  for policy in ("dots", "dots_no_batch", "save_qkv", "save_attention_out"):
+    assert size["full"] < size[policy] < size["none"], (policy, size)
+  assert size["dots_no_batch"] < size["dots"] and size["save_attention_out"] < size["save_qkv"]
+  # A layer's output is where the per-layer remat block ends: `full` keeps it already, so `save_layer_out` saves
+  # nothing more than `full` (the same measured temp memory and FLOPs in docs/memory.md).
+  assert extra["save_layer_out"] == {} and size["save_layer_out"] == size["full"] < size["none"]
+
+
+def test_accumulation_with_dropout_uses_one_key_per_micro_batch(real_batch):
+  from jfast.training import RNG_IMPL
+
+  k = 4
+  config = SMALL.replace(num_hidden_layers=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  model = BertForSequenceClassification(config, num_labels=2)
+  params = jax.jit(model.init)(jax.random.key(0), real_batch.input_ids[:1])["params"]
+  noise = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x + np.float32(0.05) * noise.standard_normal(x.shape, np.float32), params)
+  loss_fn = classification_loss(model)
+  # SGD with rate 1: the update is minus the step's gradient.
+  state = create_train_state(model, params, optax.sgd(1.0), seed=3)
+  state = state.replace(step=state.step + 5)  # a later step: its key folds in the step number
+  start = jax.device_get(state.params)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=RNG_IMPL), state.step)
+  new_state, metrics = make_train_step(loss_fn, micro_batches=k, donate=False)(state, real_batch)
+  got = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), start, new_state.params)
+
+  # By hand: each block of 4 consecutive rows with dropout key fold_in(step key, block index), its summed loss
+  # divided by the whole batch's 12 real examples; the gradients added up.
+  total = float(real_batch.example_mask.sum())
+  assert total == 12
+
+  @jax.jit
+  def block_grad(p, block, key):
+    return jax.grad(lambda q: loss_fn(q, block, key, False)[1]["loss_sum"] / total)(p)
+
+  rows = real_batch.input_ids.shape[0] // k
+  want = jax.tree.map(np.zeros_like, jax.tree.map(lambda x: np.asarray(x, np.float64), start))
+  for i in range(k):
+    block = jax.tree.map(lambda x, i=i: x[i * rows : (i + 1) * rows], real_batch)
+    g = block_grad(start, block, jax.random.fold_in(step_key, i))
+    want = jax.tree.map(lambda a, b: a + np.asarray(b, np.float64), want, g)
+  _assert_trees_close(got, want, atol=2e-6)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(want)), rtol=1e-5)
+
+  # Dropout really acted: the dropout-off gradient, and the gradient with one key for every block, are elsewhere.
+  def distance(tree):
+    diff = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, tree, want)
+    return float(optax.tree.norm(diff)) / float(optax.tree.norm(want))
+
+  off = jax.jit(jax.grad(lambda p: loss_fn(p, real_batch, None, True)[0]))(start)
+  assert distance(off) > 0.05, distance(off)
+  same_key = jax.tree.map(np.zeros_like, want)
+  for i in range(k):
+    block = jax.tree.map(lambda x, i=i: x[i * rows : (i + 1) * rows], real_batch)
+    same_key = jax.tree.map(lambda a, b: a + np.asarray(b, np.float64), same_key, block_grad(start, block, step_key))
+  assert distance(same_key) > 0.05, distance(same_key)

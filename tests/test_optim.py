@@ -271,7 +271,7 @@ def _tiny_setup(tokenizer, sentences, tx, rows=16, **state_kwargs):
   labels = np.asarray([len(s) % 2 for s in sentences[:rows]])
   batch = batch_from_rows(ids, labels, max(len(r) for r in ids), pad_id=0)
   model = BertForSequenceClassification(TINY, num_labels=2)
-  params = model.init(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
   return model, create_train_state(model, params, tx, **state_kwargs), batch
 
 
@@ -384,7 +384,7 @@ def test_tiny_bert_trains_like_float32_adamw(tokenizer, sst2_dev_sentences, data
   ids, _ = tokenize(tokenizer, sst2_dev_sentences[:32], max_length=512)
   batch = batch_from_rows(ids, labels[:32], max(len(r) for r in ids), pad_id=0)
   model = BertForSequenceClassification(TINY, num_labels=2)
-  params = model.init(jax.random.PRNGKey(1), batch.input_ids[:1])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), batch.input_ids[:1])["params"]
   curves = {}
   for name in ("adamw", "adamw_8bit"):
     opt = OptimizerConfig(learning_rate=3e-3, warmup_ratio=0.0, name=name)

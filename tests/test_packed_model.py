@@ -69,7 +69,7 @@ def test_no_gradient_flows_between_segments():
   row = lambda a: np.pad(a, (0, 32 - a.size))[None].astype(np.int32)  # noqa: E731
   ids_b, seg_b, pos_b = row(ids), row(segment_ids), row(position_ids)
   cls_b = np.array([[0, 9, 23]], np.int32)
-  params = model.init(jax.random.PRNGKey(0), ids_b)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids_b)["params"]
 
   def logit_of(table, segment):
     p = jax.tree.map(lambda x: x, params)
@@ -90,7 +90,7 @@ def test_compile_count_of_an_epoch_equals_distinct_shapes(tokenizer, sst2_dev_se
   epoch = make_batches(ids, labels, BatchingConfig(strategy="bucket", batch_size=16, num_buckets=4), pad_id=0)
   assert len(epoch.shapes) == 4
   model = BertForSequenceClassification(TINY.replace(num_hidden_layers=1), num_labels=2)
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
   state = create_train_state(model, params, optax.sgd(1e-3))
   step = make_train_step(classification_loss(model))
   for batch in epoch.batches:

@@ -97,7 +97,7 @@ def test_every_attention_kind_and_dtype_gives_the_same_logits(attention, dtype):
   cls = np.array([[0, 14, 0], [0, 0, 0], [0, 6, 11]], np.int32)
   ids = rng.integers(1, SMALL.vocab_size, size=seg.shape) * (seg > 0)
   model = BertForSequenceClassification(SMALL.replace(attention=attention, dtype=dtype), num_labels=3)
-  params = model.init(jax.random.PRNGKey(4), jnp.asarray(ids))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(4), jnp.asarray(ids))["params"]
   full, pooled = _both(model)
   kwargs = dict(segment_ids=jnp.asarray(seg), position_ids=jnp.asarray(pos), cls_positions=jnp.asarray(cls))
   want = np.asarray(full.apply({"params": params}, jnp.asarray(ids), **kwargs))

@@ -37,7 +37,7 @@ def test_sgd_step_matches_pytorch_gradients(tokenizer, sst2_dev_sentences):
   # Two padding rows at the end: the loss must average over the 6 real examples only.
   batch, _, labels = _real_batch(tokenizer, sst2_dev_sentences, rows=6, num_rows=8)
   model = BertForSequenceClassification(NO_DROPOUT, num_labels=3)
-  params = model.init(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch.input_ids[:1])["params"]
   params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
 
   import tempfile
@@ -79,7 +79,7 @@ def test_sgd_step_matches_pytorch_gradients(tokenizer, sst2_dev_sentences):
 def test_compile_counter_counts_distinct_shapes(tokenizer, sst2_dev_sentences):
   model = BertForSequenceClassification(NO_DROPOUT, num_labels=3)
   b16, _, _ = _real_batch(tokenizer, sst2_dev_sentences, rows=4, num_rows=4)
-  params = model.init(jax.random.PRNGKey(0), b16.input_ids)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), b16.input_ids)["params"]
   state = create_train_state(model, params, optax.adam(1e-3))
   step = make_train_step(classification_loss(model))
   ids, _ = tokenize(tokenizer, sst2_dev_sentences[:8], max_length=512)
@@ -99,7 +99,7 @@ def tiny_task(data_dir, tokenizer):
 def _fit(tiny_task, ckpt_dir=None, max_steps=None):
   config = NO_DROPOUT.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)  # dropout RNG must resume
   model = BertForSequenceClassification(config, num_labels=2)
-  params = model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
   batching = BatchingConfig(strategy="bucket", batch_size=16, num_buckets=3)
   loop = LoopConfig(epochs=2, max_steps=max_steps, checkpoint_dir=ckpt_dir, checkpoint_every=3, progress=False)
   return fit(
