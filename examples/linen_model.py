@@ -80,8 +80,8 @@ def main(argv=None) -> dict:
     (tokenize(tokenizer, train.texts, max_length=128)[0], train.labels),
     (tokenize(tokenizer, dev.texts, max_length=128)[0], dev.labels),
     loss=classification,
-    batching=jfast.BatchingConfig(strategy="dynamic", batch_size=32),
-    eval_batching=jfast.BatchingConfig(strategy="dynamic", batch_size=64, shuffle=False),
+    batching=jfast.BatchingConfig(strategy="fixed", batch_size=32),  # one shape: one compilation
+    eval_batching=jfast.BatchingConfig(strategy="fixed", batch_size=64, shuffle=False),
     policy="bf16",  # float32 master weights and optimizer state; the model computes in its dtype (bf16)
     micro_batches=2,  # each batch's gradient from two halves, one update
     freeze_mask=frozen,

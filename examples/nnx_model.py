@@ -74,8 +74,8 @@ def main(argv=None) -> dict:
     (tokenize(tokenizer, train.texts, max_length=128)[0], train.labels),
     (tokenize(tokenizer, dev.texts, max_length=128)[0], dev.labels),
     loss=classification,
-    batching=jfast.BatchingConfig(strategy="dynamic", batch_size=32),
-    eval_batching=jfast.BatchingConfig(strategy="dynamic", batch_size=64, shuffle=False),
+    batching=jfast.BatchingConfig(strategy="fixed", batch_size=32),  # one shape: one compilation
+    eval_batching=jfast.BatchingConfig(strategy="fixed", batch_size=64, shuffle=False),
     policy="bf16",
     micro_batches=2,
     freeze_mask=frozen,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -10,6 +14,19 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One compilation cache for the session, the worker processes included (they inherit the variables): many tests
+# compile the same small models' steps, which XLA then compiles once. It starts empty, so nothing carries over
+# between sessions.
+_CACHE = tempfile.mkdtemp(prefix="jfast-test-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+for _name, _value in (
+  ("jax_compilation_cache_dir", _CACHE),
+  ("jax_persistent_cache_min_compile_time_secs", 0),
+  ("jax_persistent_cache_min_entry_size_bytes", 0),
+):
+  jax.config.update(_name, _value)
+  os.environ[_name.upper()] = str(_value)
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

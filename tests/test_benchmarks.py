@@ -27,6 +27,7 @@ RESULT_FIELDS = (
 )
 
 
+@pytest.mark.slow
 def test_compare_runs_both_sides_on_the_same_tokens(tmp_path, minilm_path, data_dir):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
@@ -214,6 +215,7 @@ def test_compile_time_option_sets_are_options_this_xla_knows():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_row_sparse_config_trains_like_the_dense_one(data_dir):
   # The packed_bf16_rowsparse row must train what packed_bf16 trains, or its timing means nothing.
   import jax

@@ -78,6 +78,7 @@ def test_random_small_config_matches_pytorch(tmp_path):
   np.testing.assert_allclose(np.asarray(pooled), ref_pooled, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_loads_in_pytorch_with_same_outputs(tmp_path):
   model = BertForSequenceClassification(SMALL, num_labels=3)
   ids, mask = _random_batch(np.random.default_rng(2), 1000, [20, 9, 31, 3])

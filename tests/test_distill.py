@@ -186,6 +186,7 @@ def _state(model, params):
   return create_train_state(model, params, TX)
 
 
+@pytest.mark.slow
 def test_alpha_zero_is_hard_label_training_and_teacher_gets_no_gradient(teacher):
   t_model, t_params = teacher
   s_config, s_params = student_from_teacher(TINY, t_params, (0, 3))
@@ -216,6 +217,7 @@ def test_alpha_zero_is_hard_label_training_and_teacher_gets_no_gradient(teacher)
   assert float(optax.tree.norm(s_grads)) > 0
 
 
+@pytest.mark.slow
 def test_packed_equals_unpacked_and_precomputed_equals_in_step(teacher):
   t_model, t_params = teacher
   # A random student, far from the teacher, so every loss term is well above rounding.
@@ -248,6 +250,7 @@ def test_packed_equals_unpacked_and_precomputed_equals_in_step(teacher):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6), c[0].params, d[0].params)
 
 
+@pytest.mark.slow
 def test_bf16_teacher_and_narrower_fresh_student_with_projection(teacher):
   t_model, t_params = teacher
   s_config, s_params = fresh_student(

@@ -12,6 +12,7 @@ import pytest
 EXAMPLES = ("examples.linen_model", "examples.nnx_model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_trains_and_keeps_frozen_parameters(name, data_dir, minilm_path, capsys):
   module = importlib.import_module(name)

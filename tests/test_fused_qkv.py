@@ -29,6 +29,7 @@ def _sst2_batch(tokenizer, sentences, strategy, seed=1):
   return make_batches(ids, labels, cfg, pad_id=0).batches[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["packed", "dynamic"])
 def test_minilm_logits_and_gradients_equal_three_products(minilm_path, tokenizer, sst2_dev_sentences, strategy):
   config, encoder = load_hf_bert(minilm_path)
@@ -52,6 +53,7 @@ def _relative_error(got, want) -> float:
   return (diff / sum(float(np.sum(np.asarray(w, np.float64) ** 2)) for w in jax.tree.leaves(want))) ** 0.5
 
 
+@pytest.mark.slow
 def test_bf16_gradients_as_close_to_float32_as_three_products(minilm_path, tokenizer, sst2_dev_sentences):
   # Two bf16 computations round differently, so they are compared through their distance to the float32 gradient.
   config, encoder = load_hf_bert(minilm_path)
@@ -86,6 +88,7 @@ def test_same_parameters_and_fewer_products():
   assert dots(apart) - dots(fused) == 3 * (2 * (layers - 1) + 1)
 
 
+@pytest.mark.slow
 def test_quantized_layers_stay_apart():
   ids = np.random.default_rng(0).integers(1, SMALL.vocab_size, size=(2, 9)).astype(np.int32)
   model = BertForSequenceClassification(SMALL.replace(quantization="qat", fuse_qkv=True), num_labels=2)

@@ -44,7 +44,7 @@ def real_batch(tokenizer, sst2_dev_sentences):
 def _params(model, batch):
   @jax.jit
   def init(ids):  # one compile instead of an op-by-op init and a perturbation per leaf
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
     return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
 
   return init(batch.input_ids[:1])
@@ -55,21 +55,28 @@ def _assert_trees_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
+def _loss_and_grads(config, params, batch):
+  loss_fn = classification_loss(BertForSequenceClassification(config, num_labels=2))
+  return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None, True)[0]))(params)
+
+
+@pytest.fixture(scope="module")
+def no_remat(real_batch):
+  """The reference every policy is compared with: parameters, loss and gradients without remat."""
+  params = _params(BertForSequenceClassification(SMALL, num_labels=2), real_batch)
+  return params, *_loss_and_grads(SMALL, params, real_batch)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p not in ("none", "offload")])
-def test_every_remat_policy_matches_none(policy, real_batch):
-  base = BertForSequenceClassification(SMALL, num_labels=2)
-  params = _params(base, real_batch)
-
-  def loss_and_grads(config):
-    loss_fn = classification_loss(BertForSequenceClassification(config, num_labels=2))
-    return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, real_batch, None, True)[0]))(params)
-
-  want_loss, want_grads = loss_and_grads(SMALL)
-  got_loss, got_grads = loss_and_grads(SMALL.replace(remat_policy=policy))
+def test_every_remat_policy_matches_none(policy, real_batch, no_remat):
+  params, want_loss, want_grads = no_remat
+  got_loss, got_grads = _loss_and_grads(SMALL.replace(remat_policy=policy), params, real_batch)
   np.testing.assert_allclose(float(got_loss), float(want_loss), atol=1e-5)
   _assert_trees_close(got_grads, want_grads, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_full_recomputes(real_batch):
   """`full` must actually rematerialise: its backward holds fewer saved residuals than `none`."""
   params = _params(BertForSequenceClassification(SMALL, num_labels=2), real_batch)
@@ -82,6 +89,7 @@ def test_remat_full_recomputes(real_batch):
   assert residual_bytes("full") < 0.5 * residual_bytes("none")
 
 
+@pytest.mark.slow
 def test_full_remat_cuts_compiled_step_memory_on_this_backend():
   """The compiled train step, not just the jaxpr, must hold less: XLA:CPU undoes remat without the options."""
   config = SMALL.replace(vocab_size=1000, num_hidden_layers=4, max_position_embeddings=256)
@@ -103,6 +111,7 @@ def test_full_remat_cuts_compiled_step_memory_on_this_backend():
     assert temp_bytes("full", None) > 0.8 * none
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_accumulated_gradient_equals_full_batch(k, real_batch):
   model = BertForSequenceClassification(SMALL, num_labels=2)
@@ -117,6 +126,7 @@ def test_accumulated_gradient_equals_full_batch(k, real_batch):
   _assert_trees_close(grads, want_grads, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_accumulation_on_packed_rows_normalises_by_real_examples(tokenizer, sst2_dev_sentences):
   ids, _ = tokenize(tokenizer, sst2_dev_sentences[:60], max_length=512)
   labels = np.arange(len(ids)) % 2
@@ -150,6 +160,7 @@ def test_freeze_mask_patterns_and_errors(real_batch):
     freeze_mask(params, [".*"])
 
 
+@pytest.mark.slow
 def test_frozen_parameters_keep_no_state_and_do_not_move(real_batch):
   model = BertForSequenceClassification(SMALL, num_labels=2)
   params = _params(model, real_batch)
@@ -178,6 +189,7 @@ def _state_and_step(model, params, tx, **step_kwargs):
   return create_train_state(model, params, tx), make_train_step(classification_loss(model), **step_kwargs)
 
 
+@pytest.mark.slow
 def test_step_with_micro_batches_equals_one_big_step(real_batch):
   model = BertForSequenceClassification(SMALL, num_labels=2)
   params = _params(model, real_batch)
@@ -193,6 +205,7 @@ def test_step_with_micro_batches_equals_one_big_step(real_batch):
     step3(state, real_batch)
 
 
+@pytest.mark.slow
 def test_multi_steps_over_equal_micro_batches_equals_one_big_step(real_batch):
   model = BertForSequenceClassification(SMALL, num_labels=2)
   params = _params(model, real_batch)
@@ -211,6 +224,7 @@ def test_multi_steps_over_equal_micro_batches_equals_one_big_step(real_batch):
     multi_steps(tx, every_k=0)
 
 
+@pytest.mark.slow
 def test_frozen_step_keeps_frozen_weights_and_drops_their_backward(real_batch):
   model = BertForSequenceClassification(SMALL, num_labels=2)
   params = _params(model, real_batch)
@@ -320,6 +334,7 @@ def test_each_remat_policy_saves_exactly_its_tagged_activations(residuals_by_pol
   assert extra["save_layer_out"] == {} and size["save_layer_out"] == size["full"] < size["none"]
 
 
+@pytest.mark.slow
 def test_accumulation_with_dropout_uses_one_key_per_micro_batch(real_batch):
   from jfast.training import RNG_IMPL
 

@@ -69,6 +69,7 @@ def _reference_predictions(model, params, ids):
   return logits.argmax(-1), np.abs(logits[:, 1] - logits[:, 0])
 
 
+@pytest.mark.slow
 def test_accuracy_counts_only_real_examples_of_packed_batches(packed_dev, classifier):
   ids, labels, epoch = packed_dev
   model, params = classifier

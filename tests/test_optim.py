@@ -126,6 +126,7 @@ def test_dynamic_map_is_bitsandbytes_map():
     np.testing.assert_allclose(dynamic_map(signed), ref, rtol=2e-7, atol=0)
 
 
+@pytest.mark.slow
 def test_block_layout_and_bad_block_sizes():
   assert block_layout((30522, 384), 256) == ((30522,), 384, 2, 192)  # two blocks of 192, no padding
   assert block_layout((384, 1536), 256) == ((384,), 1536, 6, 256)
@@ -282,6 +283,7 @@ def _same(a, b) -> bool:
   )
 
 
+@pytest.mark.slow
 def test_jit_and_checkpoint_round_trip_the_state_exactly(tokenizer, sst2_dev_sentences, tmp_path):
   model, state, batch = _tiny_setup(tokenizer, sst2_dev_sentences, adamw_8bit(1e-3, weight_decay=0.01))
   step = make_train_step(classification_loss(model), donate=False)
@@ -301,6 +303,7 @@ def test_jit_and_checkpoint_round_trip_the_state_exactly(tokenizer, sst2_dev_sen
   assert _same(a.opt_state, b.opt_state)
 
 
+@pytest.mark.slow
 def test_composes_with_freezing_accumulation_and_multisteps(tokenizer, sst2_dev_sentences):
   tx = optax.chain(optax.clip_by_global_norm(1.0), adamw_8bit(1e-3, weight_decay=0.01))
   model, state, batch = _tiny_setup(tokenizer, sst2_dev_sentences, tx)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jfast.data import BatchingConfig, make_batches, tokenize
 from jfast.models import BertConfig, BertForSequenceClassification, init_classifier, load_hf_bert
@@ -56,6 +57,7 @@ def test_packed_logits_equal_unpacked_on_minilm(minilm_path, tokenizer, sst2_dev
   assert seen == len(ids)
 
 
+@pytest.mark.slow
 def test_no_gradient_flows_between_segments():
   model = BertForSequenceClassification(TINY, num_labels=3)
   rng = np.random.default_rng(1)
@@ -84,6 +86,7 @@ def test_no_gradient_flows_between_segments():
     assert touched == {segment}, f"segment {segment} logits depend on segments {touched}"
 
 
+@pytest.mark.slow
 def test_compile_count_of_an_epoch_equals_distinct_shapes(tokenizer, sst2_dev_sentences):
   ids, _ = tokenize(tokenizer, sst2_dev_sentences[:200], max_length=512)
   labels = np.arange(len(ids)) % 2

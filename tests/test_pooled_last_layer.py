@@ -54,6 +54,7 @@ def _assert_grads_close(got, want, rtol):
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["packed", "dynamic"])
 def test_minilm_logits_and_gradients_equal_the_full_last_layer(minilm_path, tokenizer, sst2_dev_sentences, strategy):
   config, encoder = load_hf_bert(minilm_path)
@@ -83,6 +84,7 @@ def test_minilm_logits_and_gradients_equal_the_full_last_layer(minilm_path, toke
   ],
   ids=["dense", "window", "window_global", "blockwise", "blockwise_global2"],
 )
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_attention_kind_and_dtype_gives_the_same_logits(attention, dtype):
   rng = np.random.default_rng(3)

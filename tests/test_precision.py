@@ -109,6 +109,7 @@ def _primitive_dtypes(jaxpr, found):
   return found
 
 
+@pytest.mark.slow
 def test_model_runs_matmuls_in_compute_dtype_and_statistics_in_float32():
   model, state = _tiny_state("bf16")
   ids = np.random.default_rng(0).integers(1, TINY.vocab_size, size=(2, 16)).astype(np.int32)
@@ -270,6 +271,7 @@ def _check_bf16_product_against_float64(product, a, b, g, wants):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0.02, atol=0.01 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_mixed_matmul_gradients_against_float64_and_every_train_step_dot_is_bf16():
   rng = np.random.default_rng(2)
   a = rng.normal(size=(3, 4, 24, 32))
@@ -403,6 +405,7 @@ def test_finetune_precision_flag():
     parse_args(["--dtype", "bfloat16"])  # one flag for precision: --precision
 
 
+@pytest.mark.slow
 def test_bf16_training_tracks_fp32_over_twenty_steps_on_real_batches(data_dir, tokenizer):
   from jfast.data import load_text_classification, make_batches, tokenize
 

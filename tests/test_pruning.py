@@ -221,6 +221,7 @@ def _structure(config, seed=3):
   return select(scores, heads=0.5, neurons=0.5)
 
 
+@pytest.mark.slow
 def test_shrunk_model_equals_masked_model(small):
   _, params, batch = small
   structure = _structure(SMALL)

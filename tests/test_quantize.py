@@ -132,6 +132,7 @@ def test_quantized_model_tracks_the_float_model(small_model):
   )
 
 
+@pytest.mark.slow
 def test_qat_forward_is_the_int8_model_and_its_gradient_is_straight_through(small_model):
   _, params = small_model
   batch = _batch(np.random.default_rng(5))

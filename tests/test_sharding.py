@@ -79,6 +79,7 @@ def eight_devices(subprocess_runs) -> dict:
   return got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_parallel_steps_match_one_device(eight_devices, name):
   assert eight_devices["devices"] == 8
@@ -91,6 +92,7 @@ def test_parallel_steps_match_one_device(eight_devices, name):
   assert run["compiles"] == 1
 
 
+@pytest.mark.slow
 def test_8bit_optimizer_and_accumulation_shard_too(eight_devices):
   got = eight_devices["fsdp4_tensor2_8bit_accum"]
   assert got["loss_diff"] <= TOL, got
@@ -102,6 +104,7 @@ def test_8bit_optimizer_and_accumulation_shard_too(eight_devices):
   assert got["params"]["fractions"] == [2, 4, 8] and got["compiles"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fsdp8", "data4_tensor2"])
 def test_row_sparse_word_table_trains_like_one_device(eight_devices, name):
   # The table's rows over tensor, its features over fsdp: fsdp8 splits it by columns, data4_tensor2 by rows.
@@ -110,6 +113,7 @@ def test_row_sparse_word_table_trains_like_one_device(eight_devices, name):
   assert got["table_spec"] == "P('tensor', 'fsdp')" and got["compiles"] == 1, got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "shards"), [("data8", 1), ("fsdp8", 8), ("tensor8", 8), ("data4_tensor2", 2)])
 def test_per_device_bytes_are_one_over_n(eight_devices, name, shards):
   run = eight_devices["strategies"][name]
@@ -126,6 +130,7 @@ def test_per_device_bytes_are_one_over_n(eight_devices, name, shards):
     assert got["per_device_bytes"] == got["sharded_local_bytes"] + got["replicated_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("target", "devices"), [("fsdp8", 8), ("single", 1)])
 def test_checkpoint_from_4x2_restores_on_other_meshes(eight_devices, target, devices):
   got = eight_devices["restore"][target]
@@ -138,12 +143,14 @@ def test_checkpoint_from_4x2_restores_on_other_meshes(eight_devices, target, dev
   assert got["recompiled"] == 0  # lands in the step's compiled layout
 
 
+@pytest.mark.slow
 def test_fused_qkv_adds_no_communication_under_tensor_parallelism(eight_devices):
   got = eight_devices["collectives"]
   assert got["apart"]["all-reduce"] > 0, got  # the counts are real: tensor parallelism reduces partial sums
   assert got["fused"] == got["apart"], got
 
 
+@pytest.mark.slow
 def test_bad_meshes_and_batches_fail_clearly(eight_devices):
   errors = eight_devices["errors"]
   assert "does not divide the 8 devices" in errors["mesh_not_dividing"]
@@ -239,6 +246,7 @@ def test_rules_serve_the_gpt_decoder_unchanged():
   assert all(any(axis is not None for axis in specs[name]) for name in matrices)
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_one_device(subprocess_runs):
   """Two CPU processes (2 devices each) joined by jax.distributed, each loading half the data, train as one."""
   outs = [subprocess_runs[f"host{i}"] for i in range(2)]
@@ -288,6 +296,7 @@ def test_mesh_from_string():
     mesh_from_string("data=two")
 
 
+@pytest.mark.slow
 def test_distill_step_on_a_mesh_equals_one_device():
   out = subprocess.run(
     [sys.executable, str(Path(__file__).parent / "distill_mesh_worker.py")],

@@ -76,6 +76,7 @@ def test_sgd_step_matches_pytorch_gradients(tokenizer, sst2_dev_sentences):
     np.testing.assert_allclose((np.asarray(before) - after) / lr, grad, atol=2e-5, rtol=1e-3, err_msg=name)
 
 
+@pytest.mark.slow
 def test_compile_counter_counts_distinct_shapes(tokenizer, sst2_dev_sentences):
   model = BertForSequenceClassification(NO_DROPOUT, num_labels=3)
   b16, _, _ = _real_batch(tokenizer, sst2_dev_sentences, rows=4, num_rows=4)
@@ -100,7 +101,7 @@ def _fit(tiny_task, ckpt_dir=None, max_steps=None):
   config = NO_DROPOUT.replace(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)  # dropout RNG must resume
   model = BertForSequenceClassification(config, num_labels=2)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), np.ones((1, 8), np.int32))["params"]
-  batching = BatchingConfig(strategy="bucket", batch_size=16, num_buckets=3)
+  batching = BatchingConfig(strategy="bucket", batch_size=16, num_buckets=2)
   loop = LoopConfig(epochs=2, max_steps=max_steps, checkpoint_dir=ckpt_dir, checkpoint_every=3, progress=False)
   return fit(
     model,
@@ -115,6 +116,7 @@ def _fit(tiny_task, ckpt_dir=None, max_steps=None):
   )
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tiny_task, tmp_path):
   full = _fit(tiny_task)
   assert full.stats["final_step"] == 20  # 10 batches per epoch, 2 epochs

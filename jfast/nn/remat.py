@@ -22,6 +22,8 @@ REMAT_POLICIES = {
   "dots_no_batch": _cp.dots_with_no_batch_dims_saveable,
   "save_qkv": _cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
   "save_attention_out": _cp.save_only_these_names("attention_out"),
+  # jfast's models remat each layer on its own, whose output ("layer_out") is kept as the next layer's input anyway:
+  # there this saves what "full" saves (tested). It differs for a model that remats several layers as one block.
   "save_layer_out": _cp.save_only_these_names("layer_out"),
   # Keeps the projection matmuls' outputs, but in pinned host memory instead of device memory.
   "offload": _cp.offload_dot_with_no_batch_dims("device", "pinned_host"),
