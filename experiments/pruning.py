@@ -34,7 +34,6 @@ from jfast.compress import (
   apply_mask,
   gradient_importance,
   gradual_pruning,
-  keep_pruned,
   magnitude_importance,
   magnitude_mask,
   num_params,
@@ -75,52 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--latency-batch", type=int, default=32)
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
-
-
-def add_pruning_args(p: argparse.ArgumentParser) -> None:
-  """The fine-tune script's pruning switches (`jfast.app.finetune`): prune, then fine-tune to recover."""
-  g = p.add_argument_group("pruning (start from a fine-tuned --model with --keep-head to recover after pruning)")
-  g.add_argument("--keep-head", action="store_true", help="start from --model's classifier head, not a fresh one")
-  g.add_argument("--prune-heads", type=float, default=0.0, help="fraction of attention heads removed (shrinks)")
-  g.add_argument("--prune-neurons", type=float, default=0.0, help="fraction of FFN neurons removed (shrinks)")
-  g.add_argument("--prune-importance", default="gradient", help="gradient (Michel et al.) | magnitude")
-  g.add_argument("--sparsity", type=float, default=0.0, help="unstructured magnitude sparsity kept during training")
-  g.add_argument("--gradual", action="store_true", help="reach --sparsity on Zhu & Gupta's cubic schedule")
-
-
-def apply_pruning_args(args, model, params, model_path, train, pad_id):
-  """Structured pruning before training and an optimizer wrapper for unstructured pruning during it.
-
-  Returns:
-    ``(model, params, wrap)``: the (possibly shrunk) model and params, and ``wrap(tx, total_steps)`` that adds
-    `keep_pruned` / `gradual_pruning` around the optimizer (identity when no unstructured sparsity is asked for).
-  """
-  if args.keep_head:
-    _, params = load_hf_bert(model_path, config=model.config, head="classifier")
-  if args.prune_heads or args.prune_neurons:
-    if args.prune_importance == "gradient":
-      batching = BatchingConfig(strategy="dynamic", batch_size=32)
-      batches = make_batches(*train, batching, pad_id=pad_id, seed=args.seed + 1, epoch=0).batches[:8]
-      scores = gradient_importance(model, params, batches)
-    elif args.prune_importance == "magnitude":
-      scores = magnitude_importance(model.config, params)
-    else:
-      raise ValueError(f"unknown --prune-importance {args.prune_importance!r}; expected gradient or magnitude")
-    config, params = shrink(model.config, params, select(scores, heads=args.prune_heads, neurons=args.prune_neurons))
-    model = model.clone(config=config)
-    print(f"shrunk to {num_params(params):,} parameters; heads per layer {config.layer_num_heads}", flush=True)
-  if not args.sparsity:
-    return model, params, lambda tx, total: tx
-  if args.gradual:
-
-    def wrap(tx, total):
-      end = max(1, int(0.6 * total))
-      schedule = PruningSchedule(args.sparsity, begin_step=0, end_step=end, update_every=max(1, end // 20))
-      return gradual_pruning(tx, schedule)
-
-    return model, params, wrap
-  mask = magnitude_mask(params, args.sparsity)
-  return model, params, lambda tx, total: keep_pruned(tx, mask)
 
 
 class _Evaluator:

@@ -195,7 +195,7 @@ def test_step_trains_the_dense_steps_parameters_on_minilm(minilm, sst2_ids):
   config, encoder = minilm
   # The whole MiniLM for packed rows, the benchmark's best configuration.
   model, params = init_classifier(config, encoder, 2, jax.random.PRNGKey(0))  # dropout on: same keys both ways
-  batches = _batches(sst2_ids, "packed", row_length=128)
+  batches = _batches(sst2_ids, "packed", n=2, row_length=128)
   opt = OptimizerConfig(learning_rate=1e-3)  # clipping active: MiniLM's first gradients have norm > 1
   dense, dense_losses = _train(model, params, batches, opt, row_sparse=False)
   sparse, sparse_losses = _train(
@@ -225,7 +225,7 @@ def small_bert():
 @pytest.mark.slow
 def test_step_trains_the_dense_steps_parameters_with_buckets(small_bert, sst2_ids):
   model, params = small_bert
-  batches = _small(sst2_ids, n=3, strategy="bucket")
+  batches = _small(sst2_ids, n=2, strategy="bucket")
   opt = OptimizerConfig(learning_rate=1e-3)
   dense, dense_losses = _train(model, params, batches, opt, row_sparse=False)
   sparse, sparse_losses = _train(
