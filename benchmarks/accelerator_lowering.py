@@ -5,9 +5,10 @@ switches, custom calls and StableHLO size.
     python -m benchmarks.accelerator_lowering            # MiniLM's shape (6 layers, width 384)
     python -m benchmarks.accelerator_lowering --layers 24
 
-Each trace is made for its platform (`jfast.cpu.target`), as a process on that platform makes it: the CPU gets
-`jfast.cpu`'s bf16 products (more dots: the bias gradients are products there), a GPU or TPU stock ``nn.Dense`` and
-XLA's autodiff (the same products as fp32). `tests/test_accelerator_lowering.py` holds the equalities.
+Each trace is made for its platform (`jfast.cpu.target`), as a process on that platform makes it: a CPU with bf16
+instructions gets `jfast.cpu`'s bf16 products (more dots: the bias gradients are products there; forced on here,
+whatever this machine's CPU), a GPU or TPU stock ``nn.Dense`` and XLA's autodiff (the same products as fp32).
+`tests/test_accelerator_lowering.py` holds the equalities.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def lowered_text(dtype: str, platform: str, layers: int = 6, rows: int = 8, leng
   import jax.numpy as jnp
   import numpy as np
 
-  from jfast.cpu import target
+  from jfast.cpu import target, use_layer
   from jfast.data import batch_from_rows
   from jfast.models import BertConfig, BertForSequenceClassification
   from jfast.training import classification_loss
@@ -37,7 +38,7 @@ def lowered_text(dtype: str, platform: str, layers: int = 6, rows: int = 8, leng
   batch = batch_from_rows(seqs, rng.integers(0, 2, size=rows), length, pad_id=0)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   loss = classification_loss(model)
-  with target(platform):
+  with target(platform), use_layer(True):  # the CPU rows as a CPU with bf16 instructions traces them
     traced = jax.jit(jax.grad(lambda p, b: loss(p, b, jax.random.key(1), False)[0])).trace(params, batch)
   return traced.lower(lowering_platforms=(platform,)).as_text()
 

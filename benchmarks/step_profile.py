@@ -15,8 +15,8 @@ event per thunk with ``--xla_cpu_enable_xprof_traceme``) and sums each op's time
 categories read from the HLO metadata: matrix products, dropout masks, the embedding gradient, dtype casts, layout
 copies, optimizer update and the remaining forward / backward elementwise work. A/B mode builds both variants of
 the step in one process and alternates them step by step, so machine noise hits both alike; medians after warm-up.
-Each variant is an explicit switch of the library (`AB_VARIANTS`): a model flag, or `jfast.cpu.use_layer(False)`,
-which traces the stock GPU/TPU forms for the CPU.
+Each variant is an explicit switch of the library (`AB_VARIANTS`): a model flag, or `jfast.cpu.use_layer`, which
+traces the CPU layer's forms or the stock GPU/TPU forms for the CPU.
 ``--ab hugepages`` cannot share a process (glibc reads the tunable at start): it alternates fresh processes with and
 without ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (`jfast.cpu.hugepages`), and with it plus `jfast.cpu.hugepages.RETAIN`
 (freed buffers kept in the process), three of each, and reports each median;
@@ -289,7 +289,9 @@ AB_VARIANTS = {
   },
   "cpulayer": {
     "stock nn.Dense and XLA's autodiff (the GPU/TPU path)": {"cpu_layer": False},
-    "jfast.cpu layer: bf16 products in XLA:CPU's kernel forms (default on CPU)": {},
+    "jfast.cpu layer: bf16 products in XLA:CPU's kernel forms (default on CPUs with bf16 instructions)": {
+      "cpu_layer": True
+    },
   },
 }
 BERT_ONLY_AB = ("clsonly", "fuseqkv")
@@ -317,7 +319,7 @@ def ab(spec: RunSpec | GPTSpec, what: str, steps: int) -> str:
   runs = {}
   for name, switches in AB_VARIANTS[what].items():
     variant = None if model is None else _variant(model, switches)
-    with use_layer(switches.get("cpu_layer", True)):
+    with use_layer(switches.get("cpu_layer")):
       if isinstance(spec, GPTSpec):
         compiled, state, batches, _, params = _gpt_step(spec, None, params)
       else:

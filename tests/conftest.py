@@ -20,6 +20,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # between sessions.
 _CACHE = tempfile.mkdtemp(prefix="jfast-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# The CPU layer (`jfast.cpu`) on whatever the CPU: its tests hold on every machine generation, not only on those with
+# bf16 instructions where it is on by default (`tests/test_accelerator_lowering.py` checks that default).
+os.environ["JFAST_CPU_LAYER"] = "on"
 for _name, _value in (
   ("jax_compilation_cache_dir", _CACHE),
   ("jax_persistent_cache_min_compile_time_secs", 0),

@@ -98,3 +98,28 @@ def test_gpt_bf16_gradient_lowers_to_the_fp32_products_for_a_gpu():
     texts[dtype] = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert _count(texts["bfloat16"], "dot_general") == _count(texts["float32"], "dot_general")
   assert _count(texts["bfloat16"], "case") == 0
+
+
+def test_cpu_layer_is_on_by_default_only_for_cpus_with_bf16_instructions(tmp_path, monkeypatch):
+  from jfast.cpu import platform
+
+  avx2, bf16 = tmp_path / "avx2", tmp_path / "bf16"
+  avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+  bf16.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+  assert platform.cpu_has_bf16(str(avx2)) is False and platform.cpu_has_bf16(str(bf16)) is True
+  monkeypatch.setenv("JFAST_CPU_LAYER", "auto")
+  for has_bf16 in (False, True):
+    monkeypatch.setattr(platform, "cpu_has_bf16", lambda h=has_bf16: h)
+    with target("cpu"):
+      assert platform.active(jnp.bfloat16) is has_bf16
+      assert platform.active(jnp.float32) is False
+      with platform.use_layer(not has_bf16):  # the explicit setting wins
+        assert platform.active(jnp.bfloat16) is (not has_bf16)
+    with target("cuda"):
+      assert platform.active(jnp.bfloat16) is False
+  monkeypatch.setenv("JFAST_CPU_LAYER", "off")
+  with target("cpu"):
+    assert platform.active(jnp.bfloat16) is False
+  monkeypatch.setenv("JFAST_CPU_LAYER", "sometimes")
+  with pytest.raises(ValueError, match="JFAST_CPU_LAYER"), target("cpu"):
+    platform.active(jnp.bfloat16)

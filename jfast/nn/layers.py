@@ -1,8 +1,8 @@
 """The Dense and LayerNorm layers every jfast model builds, chosen once for all of them.
 
-Under a half-precision compute dtype traced for the CPU (`jfast.cpu.active`), a Dense layer is `jfast.cpu.MixedDense`
-(bf16 x bf16 -> float32 products in the forms XLA:CPU's bf16 kernel takes, with their own gradient products). Everywhere
-else it is stock ``nn.Dense`` in the compute dtype, differentiated by XLA, so GPUs and TPUs get the dots and
+Under a half-precision compute dtype traced for a CPU with bf16 instructions (`jfast.cpu.active`), a Dense layer is
+`jfast.cpu.MixedDense` (bf16 x bf16 -> float32 products in the forms XLA:CPU's bf16 kernel takes, with their own
+gradient products). Everywhere else it is stock ``nn.Dense`` in the compute dtype, differentiated by XLA, so GPUs and TPUs get the dots and
 bias-add epilogues their libraries fuse. Parameters are the same tree either way (``kernel`` [in, out], ``bias``).
 
 Under half precision the norm is recomputed in the backward pass from its half-precision input: its float32
