@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(PY) -m jfast.app.finetune $(ARGS)
+	$(PY) -m jfast.app.finetune --preset quick $(ARGS)
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,7 @@ import argparse
 import re
 
 from benchmarks import common
+from jfast.app.entry import run_main
 
 
 def lowered_text(dtype: str, platform: str, layers: int = 6, rows: int = 8, length: int = 64) -> str:
@@ -77,4 +78,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfast.app.entry import run_main
 from jfast.nn import blockwise_attention, dense_attention, sliding_window_attention
 
 GIB = 2**30
@@ -217,4 +218,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

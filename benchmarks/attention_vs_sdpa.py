@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from jfast.app.entry import run_main
 from jfast.nn import dense_attention
 
 # name: (batch, length, heads, head_dim, causal, padded tail per row)
@@ -114,4 +115,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

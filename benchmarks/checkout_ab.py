@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import common
+from jfast.app.entry import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,4 +69,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

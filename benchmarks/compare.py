@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks import common, data, report
 from benchmarks.configs import CONFIGS, DEFAULT_CONFIGS, MFU_CONFIGS, MODELS, TASKS, RunSpec, specs_for
+from jfast.app.entry import run_main
 from jfast.app.runs import cpu_description
 from jfast.cpu.hugepages import RETAIN, hugepage_env
 
@@ -350,4 +351,4 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks import common
 from benchmarks.step_profile import _jax_step, _spec
+from jfast.app.entry import run_main
 from jfast.app.runs import cpu_description
 
 # Each a dict of XLA debug options for `Lowered.compile(compiler_options=...)`; the names are XLA's DebugOptions.
@@ -151,4 +152,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -17,6 +17,7 @@ import statistics
 import time
 
 from benchmarks import common
+from jfast.app.entry import run_main
 
 # (M, K, N): M tokens, a K -> N Dense layer.
 SHAPES = {
@@ -119,4 +120,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from benchmarks import common, data
 from benchmarks.configs import CONFIGS, RunSpec, specs_for
+from jfast.app.entry import run_main
 
 CATEGORIES = (
   "matrix products",
@@ -482,4 +483,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -8,7 +8,7 @@ quantization (and sparse attention where sequences are long enough for it to mat
 as it comes out of the pipeline: SST-2 dev accuracy, size on disk (one safetensors file), and CPU latency of the
 forward pass at batch 1 and batch 32 (medians, all stages timed interleaved in one run):
 
-  1 fine-tuned MiniLM    the teacher (default runs/teacher/hf), float32
+  1 fine-tuned MiniLM    the teacher (default runs/teacher/model), float32
   2 pruned               gradient-importance structured pruning (heads and FFN neurons, `jfast.compress`), then a
                          short recovery fine-tune distilled from the teacher
   3 distilled student    every other layer of the pruned model (`jfast.compress.student_from_teacher`), distilled
@@ -34,6 +34,7 @@ import numpy as np
 from experiments import quantize as qexp
 from experiments.teacher import ensure_teacher
 from jfast import compress as quant
+from jfast.app.entry import run_main
 from jfast.compress import (
   DistillConfig,
   distill_params,
@@ -325,4 +326,4 @@ def plot(s: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

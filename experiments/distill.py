@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from experiments.teacher import ensure_teacher
+from jfast.app.entry import run_main
 from jfast.app.finetune import DEFAULT_DATA, parse_layers, tokenizer_path
 from jfast.compress import (
   DistillConfig,
@@ -55,7 +56,7 @@ from jfast.optim import OptimizerConfig, make_optimizer
 from jfast.training import LoopConfig, classification_loss, evaluate, fit, make_eval_step
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = ROOT / "runs" / "teacher" / "hf"
+DEFAULT_TEACHER = ROOT / "runs" / "teacher" / "model"
 MODES = ("hard", "soft", "soft+hidden")
 
 
@@ -104,7 +105,7 @@ def train_student(
     loss=loss,
     inputs=inputs,
     policy=precision,
-    loop=LoopConfig(seed=seed, log_every=1, progress=False, time_steps=True),
+    loop=LoopConfig(seed=seed, log_every=1, quiet=True, time_steps=True),
     on_log=report,
   )
   times = [seconds for _, seconds in result.stats["step_times"]]
@@ -186,7 +187,8 @@ def main(argv=None) -> dict:
   t_config, t_params = load_hf_bert(teacher_dir, head="classifier")
   num_labels = t_params["classifier"]["bias"].shape[0]
   teacher = BertForSequenceClassification(t_config, num_labels=num_labels)
-  tokenizer = load_tokenizer(args.tokenizer or tokenizer_path(teacher_dir))
+  tokenizer_dir = args.tokenizer or tokenizer_path(teacher_dir)
+  tokenizer = load_tokenizer(tokenizer_dir)
   train_ds = load_text_classification(args.data, "train")
   end = args.train_offset + args.train_examples if args.train_examples else None
   train_ds = TextDataset(
@@ -236,7 +238,8 @@ def main(argv=None) -> dict:
       print(f"  {mode}: dev {dev['accuracy']:.4f}, {stats['train_seconds']:.0f}s", flush=True)
       finals[s_config.num_hidden_layers] = (student, params)
       if args.export:
-        save_hf_bert(Path(args.output) / f"student{len(chosen)}_{mode}", s_config, params)
+        folder = Path(args.output) / f"student{len(chosen)}_{mode}"
+        save_hf_bert(folder, s_config, params, label_names=train_ds.label_names, tokenizer=tokenizer_dir)
       rows.append(
         {
           "layers": len(chosen),
@@ -348,4 +351,4 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -35,6 +35,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jfast.app.config import ConfigError
+from jfast.app.entry import run_main
 from jfast.app.runs import cpu_description
 from jfast.cpu.hugepages import ensure_hugepages, tunables_set
 from jfast.data import (
@@ -86,7 +88,7 @@ def _freeze_patterns(word: str, layers: int, learned_positions: bool = True) -> 
     return tables
   n = int(word)
   if not 0 <= n <= layers:
-    raise ValueError(f"--freeze {n}: the model has {layers} blocks")
+    raise ConfigError(f"--freeze {n}: the model has {layers} blocks")
   return tables + [f"h_{i}" for i in range(n)]
 
 
@@ -99,7 +101,7 @@ def load_corpus(path: Path, vocab: int, length: int, packing: str, out: Path):
   if path.is_dir():
     path = path / "input.txt"
   if not path.is_file():
-    raise SystemExit(f"--data: no corpus at {path} (a UTF-8 text file, or a folder with input.txt)")
+    raise ConfigError(f"--data: no corpus at {path} (a UTF-8 text file, or a folder with input.txt)")
   text = path.read_text(encoding="utf-8")
   cut = int(0.9 * len(text))
   train_docs, val_docs = split_documents(text[:cut]), split_documents(text[cut:])
@@ -158,7 +160,7 @@ class JaxSide:
 
   def start(self, batches: list[LMBatch]) -> None:
     """The training loop over ``batches``, advanced one step per `train_step`."""
-    loop = LoopConfig(log_every=len(batches), progress=False)
+    loop = LoopConfig(log_every=len(batches), quiet=True)
     self.loop = training_loop(self.state, self.compiled, batches, loop=loop)
 
   def train_step(self, batch: LMBatch) -> float:
@@ -323,9 +325,9 @@ def run(args) -> dict:
     sides["jfast"] = JaxSide(config, params, args, args.steps)
   if "pytorch" in args.sides:
     if args.attention != "dense" or args.positions != "learned":
-      raise ValueError("GPT2LMHeadModel has dense attention and learned positions only: pass --sides jfast")
+      raise ConfigError("GPT2LMHeadModel has dense attention and learned positions only: pass --sides jfast")
     folder = Path(tempfile.mkdtemp(prefix="lm-init-"))
-    save_hf_gpt2(folder, config, params)
+    save_hf_gpt2(folder, config, params, tokenizer=tok)
     sides["pytorch"] = TorchSide(folder, args, args.steps, args.torch_threads)
   inputs = {
     "jfast": (train, val),
@@ -365,6 +367,9 @@ def run(args) -> dict:
       )
   if "jfast" in sides:
     sides["jfast"].loop.close()
+    if args.export:  # the trained GPT with its tokenizer: transformers' AutoModelForCausalLM and AutoTokenizer load it
+      save_hf_gpt2(out / "model", config, sides["jfast"].state.params, tokenizer=tok)
+      print(f"exported the jfast model to {out / 'model'}", flush=True)
   for name in sides:
     r = report[name]
     per_step = statistics.median(r["step_s"])
@@ -494,6 +499,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sides", nargs="+", default=["jfast", "pytorch"], choices=["jfast", "pytorch"])
   p.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (one per core by default)")
   p.add_argument("--output", default="results/lm")
+  p.add_argument("--export", action="store_true", help="write the trained jfast GPT (and tokenizer) to OUTPUT/model")
   return p.parse_args(argv)
 
 
@@ -513,4 +519,4 @@ if __name__ == "__main__":
   # spares jfast's step re-faulting its 331 MiB of temporaries (and the slow-step tail that came with it); PyTorch
   # is level with it (jfast.cpu.hugepages; benchmarks.step_profile --config gpt_fp32 --ab hugepages).
   ensure_hugepages(retain=True)
-  main()
+  run_main(main)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfast.app.entry import run_main
 from jfast.cpu import compiler_options as remat_compiler_options
 from jfast.data import batch_from_rows
 from jfast.models import BertConfig, BertForSequenceClassification
@@ -71,7 +72,7 @@ def measure(config: BertConfig, rows: int, length: int, *, micro_batches=1, froz
     "compile_seconds": compile_s,
   }
   if time_steps:
-    loop = LoopConfig(progress=False, time_steps=True, log_every=time_steps + 1)
+    loop = LoopConfig(quiet=True, time_steps=True, log_every=time_steps + 1)
     result = run(training_loop(state, compiled, [batch] * (time_steps + 1), loop=loop))
     # The first call warms caches and allocations.
     out["step_seconds"] = float(np.median([seconds for _, seconds in result.stats["step_times"][1:]]))
@@ -172,4 +173,4 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jfast.app.config import ConfigError
+from jfast.app.entry import run_main
 from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.models import init_classifier, load_hf_bert, save_hf_bert
@@ -126,7 +128,7 @@ def run_jfast(args, data: dict) -> tuple[list[dict], dict]:
     )
     print(f"   jfast {name}: compiled in {compile_seconds:.1f}s, state {runs[-1]['opt_state_bytes'] / 2**20:.1f} MiB")
   # Turns, one step each (jfast.training.run_together): a neighbour's load on a shared machine then slows both alike.
-  loop = LoopConfig(seed=args.seed, log_every=1, progress=False, time_steps=True)
+  loop = LoopConfig(seed=args.seed, log_every=1, quiet=True, time_steps=True)
 
   def progress(name):
     def log(row):
@@ -466,7 +468,7 @@ def main(argv=None) -> dict:
     }
     _, init_params = init_classifier(config, encoder, 2, jax.random.PRNGKey(args.seed))
     with tempfile.TemporaryDirectory() as hf_dir:
-      save_hf_bert(hf_dir, config, init_params, label_names=train_ds.label_names)
+      save_hf_bert(hf_dir, config, init_params, label_names=train_ds.label_names, tokenizer=model_path)
       part = {"meta": {**meta, **torch_meta}, "results": run_torch(args, data, hf_dir)}
     (out / "part_torch.json").write_text(json.dumps(part, indent=2))
   parts = {
@@ -476,9 +478,9 @@ def main(argv=None) -> dict:
   }
   for name, part in parts.items():
     if part["meta"]["args"]["max_train_examples"] != args.max_train_examples or part["meta"]["steps"] != meta["steps"]:
-      raise ValueError(f"the saved {name} part was run on other data ({part['meta']['args']}); run it again")
+      raise ConfigError(f"the saved {name} part was run on other data ({part['meta']['args']}); run it again")
   if "jfast" not in parts:
-    raise ValueError(f"no jfast part in {out}: run with --part jfast (or all) first")
+    raise ConfigError(f"no jfast part in {out}: run with --part jfast (or all) first")
   results = parts["jfast"]["results"] + parts.get("torch", {}).get("results", [])
   errors = parts["jfast"]["code_map_errors"]
   meta.update({k: v for k, v in parts.get("torch", {}).get("meta", {}).items() if k in ("torch", "bitsandbytes")})
@@ -499,4 +501,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jfast.app.entry import run_main
 from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.data import STRATEGIES, BatchingConfig, load_text_classification, load_tokenizer, tokenize
 from jfast.models import init_classifier, load_hf_bert
@@ -222,4 +223,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

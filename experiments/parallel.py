@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from jfast.app.config import ConfigError
+from jfast.app.entry import run_main
+
 STRATEGIES = {
   "single": {"data": 1},
   "data8": {"data": 8},
@@ -184,10 +187,10 @@ def main(argv=None) -> dict:
   strategies = [s for s in args.strategies.split(",") if s]
   for name in models:
     if name not in MODELS:
-      raise ValueError(f"unknown model {name!r}; expected some of {list(MODELS)}")
+      raise ConfigError(f"unknown model {name!r}; expected some of {list(MODELS)}")
   for name in strategies:
     if name not in STRATEGIES:
-      raise ValueError(f"unknown strategy {name!r}; expected some of {list(STRATEGIES)}")
+      raise ConfigError(f"unknown strategy {name!r}; expected some of {list(STRATEGIES)}")
   rows = []
   for model_name in models:
     for strategy in strategies:
@@ -219,4 +222,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfast.app.entry import run_main
 from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.models import init_classifier, load_hf_bert
@@ -294,7 +295,7 @@ def main(argv=None) -> dict:
   # The policies take turns, one step each (jfast.training.run_together): a neighbour's load on a shared machine
   # then slows them alike, where running them one after another would hand whichever ran in a quiet minute a
   # speed-up it did not earn.
-  loop = LoopConfig(epochs=args.epochs, seed=args.seed, log_every=1, progress=False, time_steps=True)
+  loop = LoopConfig(epochs=args.epochs, seed=args.seed, log_every=1, quiet=True, time_steps=True)
 
   def epoch_batches(epoch):
     if epoch == 0:
@@ -329,4 +330,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

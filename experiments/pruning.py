@@ -3,7 +3,7 @@
     python -m experiments.pruning                      # CPU-sized defaults, ~10 minutes on 2 idle cores
     python -m experiments.pruning --gradual 0.5,0.7,0.9 --train-examples 16000
 
-Four parts, all starting from the same fine-tuned model (``--model``, default ``runs/teacher/hf``):
+Four parts, all starting from the same fine-tuned model (``--model``, default ``runs/teacher/model``):
 1. one-shot global magnitude pruning at each ``--sweep`` sparsity, evaluated on SST-2 dev without training;
 2. gradual magnitude pruning (Zhu & Gupta's cubic schedule, masks every ``--update-every`` steps) at each
    ``--gradual`` sparsity, as a short fine-tune on ``--train-examples`` SST-2 training sentences;
@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from experiments.teacher import ensure_teacher
+from jfast.app.entry import run_main
 from jfast.app.finetune import DEFAULT_DATA, default_model_path
 from jfast.compress import (
   PruningSchedule,
@@ -46,7 +47,7 @@ from jfast.models import BertForSequenceClassification, load_hf_bert
 from jfast.optim import OptimizerConfig, make_optimizer
 from jfast.training import LoopConfig, classification_loss, evaluate, fit, make_eval_step
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "runs" / "teacher" / "hf"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "runs" / "teacher" / "model"
 
 
 def _floats(text: str) -> list[float]:
@@ -366,4 +367,4 @@ def _plot(r: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

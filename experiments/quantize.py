@@ -3,7 +3,7 @@
     python -m experiments.quantize                      # the small default: a few minutes on 2 cores
     python -m experiments.quantize --qat-steps 0        # PTQ only
 
-Variants, all from the same fine-tuned model (default ``runs/teacher/hf``):
+Variants, all from the same fine-tuned model (default ``runs/teacher/model``):
   float32       the fine-tuned model as it is
   int8          PTQ, int8 weights (per output channel) and activations (per token, at run time)
   int8-static   PTQ, activation scales calibrated on SST-2 *train* batches (one per layer)
@@ -33,6 +33,7 @@ import numpy as np
 
 from experiments.teacher import ensure_teacher
 from jfast import compress as quant
+from jfast.app.entry import run_main
 from jfast.data import Batch, BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
 from jfast.models import BertForSequenceClassification, load_hf_bert
 from jfast.optim import OptimizerConfig, make_optimizer, state_bytes
@@ -40,7 +41,7 @@ from jfast.training import LoopConfig, classifier_logits, fit
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
-DEFAULT_MODEL = ROOT / "runs" / "teacher" / "hf"
+DEFAULT_MODEL = ROOT / "runs" / "teacher" / "model"
 XLA_FLAG_SETS = (
   "",
   "--xla_cpu_use_onednn=true",
@@ -427,4 +428,4 @@ def plot(s: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

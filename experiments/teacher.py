@@ -1,11 +1,11 @@
 """The fine-tuned MiniLM that pruning, distillation, quantization and compression start from.
 
-Those experiments read a fine-tuned classifier from ``runs/teacher/hf`` by default, which a fresh clone does not
-have. `ensure_teacher` makes it on first use by running the README's main job (`jfast.app.finetune`) with ``--export`` (all-MiniLM-L6-v2
+Those experiments read a fine-tuned classifier from ``runs/teacher/model`` by default, which a fresh clone does not
+have. `ensure_teacher` makes it on first use by running the README's main job (`jfast.app.finetune --preset quick`, which exports its model; all-MiniLM-L6-v2
 fine-tuned one epoch on 40,000 SST-2 sentences, packed: about 7 minutes on 2 CPU cores, 88.4% dev accuracy), so
 ``jfast experiment distill`` works from a fresh clone; a folder the user names must exist.
 
-    python -m experiments.teacher          # make (or confirm) runs/teacher/hf explicitly
+    python -m experiments.teacher          # make (or confirm) runs/teacher/model explicitly
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from jfast.app import finetune
+from jfast.app.entry import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = ROOT / "runs" / "teacher" / "hf"
+DEFAULT_TEACHER = ROOT / "runs" / "teacher" / "model"
 
 
 def ensure_teacher(folder: str | Path, data: str | None = None) -> Path:
@@ -34,7 +35,7 @@ def ensure_teacher(folder: str | Path, data: str | None = None) -> Path:
     FileNotFoundError: ``folder`` is not the default and holds no model.
 
   Example:
-    >>> ensure_teacher("runs/teacher/hf")  # doctest: +SKIP
+    >>> ensure_teacher("runs/teacher/model")  # doctest: +SKIP
   """
   folder = Path(folder)
   if (folder / "config.json").is_file():
@@ -45,12 +46,12 @@ def ensure_teacher(folder: str | Path, data: str | None = None) -> Path:
       f"leave the default and the teacher is made at {DEFAULT_TEACHER}"
     )
   print(
-    f"no teacher at {folder}: fine-tuning all-MiniLM-L6-v2 on SST-2 first (the README's main job with --export, "
+    f"no teacher at {folder}: fine-tuning all-MiniLM-L6-v2 on SST-2 first (the README's main job, "
     "about 7 minutes on 2 CPU cores)",
     file=sys.stderr,
     flush=True,
   )
-  argv = ["--export", "--output", str(folder.parent), "--no-progress"]
+  argv = ["--preset", "quick", "--output", str(folder.parent), "--no-progress"]
   if data:
     argv += ["--data", data]
   finetune.main(argv)
@@ -70,4 +71,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jfast.app.entry import run_main
 from jfast.data import load_text_classification, load_tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -167,4 +168,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  run_main(main)

@@ -79,7 +79,7 @@ def test_random_small_config_matches_pytorch(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_loads_in_pytorch_with_same_outputs(tmp_path):
+def test_export_loads_in_pytorch_with_same_outputs(tmp_path, minilm_path):
   model = BertForSequenceClassification(SMALL, num_labels=3)
   ids, mask = _random_batch(np.random.default_rng(2), 1000, [20, 9, 31, 3])
   params = jax.jit(model.init)(jax.random.PRNGKey(3), ids, mask)["params"]
@@ -98,6 +98,11 @@ def test_export_loads_in_pytorch_with_same_outputs(tmp_path):
     ref_logits = classifier(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
   logits = model.apply({"params": params}, ids, mask)
   np.testing.assert_allclose(np.asarray(logits), ref_logits.numpy(), atol=1e-5, rtol=0)
+  # A bare encoder exported with the base model's tokenizer is complete for AutoTokenizer too.
+  save_hf_bert(tmp_path / "enc", SMALL, params["bert"], tokenizer=minilm_path)
+  tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "enc"))
+  long_text = " ".join(["word"] * 200)  # past the 128 tokens all-MiniLM-L6-v2's tokenizer.json truncates to
+  assert len(tok(long_text)["input_ids"]) == 202 and tok.model_max_length == SMALL.max_position_embeddings
   # And back: the exported folder reloads into the same Flax tree.
   _, reloaded = load_hf_bert(tmp_path, head="classifier")
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, reloaded)
@@ -116,7 +121,8 @@ def test_segment_ids_equal_attention_mask_for_unpacked_rows():
 def small_folder(tmp_path):
   model = BertModel(SMALL)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), np.ones((1, 4), np.int32))["params"]
-  save_hf_bert(tmp_path / "m", SMALL, params)
+  with pytest.warns(UserWarning, match="without tokenizer files"):
+    save_hf_bert(tmp_path / "m", SMALL, params)
   return tmp_path / "m"
 
 

@@ -224,17 +224,17 @@ def test_the_default_teacher_is_made_only_when_it_is_the_default(tmp_path, monke
   from jfast.app import finetune
 
   made = []
-  monkeypatch.setattr(teacher, "DEFAULT_TEACHER", (tmp_path / "teacher" / "hf").resolve())
+  monkeypatch.setattr(teacher, "DEFAULT_TEACHER", (tmp_path / "teacher" / "model").resolve())
 
   def fake_main(argv):  # stands in for the 7-minute fine-tune: records the call, writes the export
     made.append(argv)
-    (tmp_path / "teacher" / "hf").mkdir(parents=True)
-    (tmp_path / "teacher" / "hf" / "config.json").write_text("{}")
+    (tmp_path / "teacher" / "model").mkdir(parents=True)
+    (tmp_path / "teacher" / "model" / "config.json").write_text("{}")
 
   monkeypatch.setattr(finetune, "main", fake_main)
-  assert teacher.ensure_teacher(tmp_path / "teacher" / "hf", "sst2") == tmp_path / "teacher" / "hf"
-  assert made == [["--export", "--output", str(tmp_path / "teacher"), "--no-progress", "--data", "sst2"]]
-  teacher.ensure_teacher(tmp_path / "teacher" / "hf")  # present now: nothing is trained again
+  assert teacher.ensure_teacher(tmp_path / "teacher" / "model", "sst2") == tmp_path / "teacher" / "model"
+  assert made == [["--preset", "quick", "--output", str(tmp_path / "teacher"), "--no-progress", "--data", "sst2"]]
+  teacher.ensure_teacher(tmp_path / "teacher" / "model")  # present now: nothing is trained again
   assert len(made) == 1
   with pytest.raises(FileNotFoundError, match="no fine-tuned model"):
     teacher.ensure_teacher(tmp_path / "elsewhere")

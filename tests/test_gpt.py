@@ -13,6 +13,7 @@ import transformers
 from flax import traverse_util
 
 from jfast import nn as attention_mod
+from jfast.app.config import ConfigError
 from jfast.data import check_vocab, lm_batches, pack_documents, train_bpe
 from jfast.models import GPT, GPTConfig, generate, init_gpt, load_hf_gpt2, save_hf_gpt2
 from jfast.models.gpt import rotary
@@ -92,7 +93,8 @@ def test_logits_match_pytorch_gpt2(torch_folder):
 
 def test_export_round_trip(tmp_path):
   params = _perturbed_params(TINY, seed=3)
-  save_hf_gpt2(tmp_path, TINY, params)
+  with pytest.warns(UserWarning, match="without tokenizer files"):
+    save_hf_gpt2(tmp_path, TINY, params)
   torch_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
   ids = np.random.default_rng(2).integers(0, 320, size=(2, 32))
   with torch.no_grad():
@@ -103,6 +105,27 @@ def test_export_round_trip(tmp_path):
   assert config.replace() == TINY.replace(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_export_with_its_tokenizer_is_complete_for_transformers(tmp_path, data_dir):
+  from jfast.data import train_bpe
+
+  text = (data_dir / "tinyshakespeare" / "input.txt").read_text()[:60000]
+  tok = train_bpe(text.split("\n\n"), vocab_size=320)
+  params = _perturbed_params(TINY, seed=5)
+  save_hf_gpt2(tmp_path, TINY, params, tokenizer=tok)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  sample = "ROMEO: But soft, what light through yonder window breaks?"
+  ids = tok.encode(sample).ids
+  assert hf_tok(sample)["input_ids"] == ids and hf_tok.decode(ids) == sample
+  assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.model_max_length == TINY.n_positions
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  with torch.no_grad():
+    ref = model(torch.tensor([ids])).logits.numpy()
+  ours = np.asarray(GPT(TINY).apply({"params": params}, jnp.asarray([ids])))
+  assert np.abs(ours - ref).max() <= 1e-5
+  with pytest.warns(UserWarning, match="without tokenizer files"):
+    save_hf_gpt2(tmp_path / "bare", TINY, params)
 
 
 def test_greedy_generation_matches_pytorch(torch_folder):
@@ -318,7 +341,7 @@ def test_lm_experiment_runs_both_sides_and_reports_time_to_target(tmp_path, data
   np.testing.assert_allclose(summary["speedup_to_target"], reached["pytorch"]["train_s"] / reached["jfast"]["train_s"])
   text = lm.markdown(result)
   assert "glibc huge pages (both sides, one process): " in text and "| jfast |" in text and "| pytorch |" in text
-  with pytest.raises(SystemExit, match="no corpus at"):
+  with pytest.raises(ConfigError, match="no corpus at"):
     lm.load_corpus(tmp_path / "missing.txt", 300, 32, "packed", tmp_path)
 
 

@@ -110,3 +110,32 @@ def test_accuracy_counts_only_real_examples_of_packed_batches(packed_dev, classi
   result = evaluate(make_eval_step(classification_loss(model)), params, epoch.batches)
   assert result["examples"] == len(ids)
   np.testing.assert_allclose(result["accuracy"], np.mean(pred == labels), rtol=1e-6)
+
+
+def test_classification_report_against_explicit_counts():
+  from jfast.training.metrics import classification_report, format_report
+
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 4, 500)
+  predictions = np.where(rng.random(500) < 0.6, labels, rng.integers(0, 3, 500))
+  predictions[predictions == 3] = 0  # class 3 is never predicted: precision 0 by convention
+  report = classification_report(labels, predictions, ("a", "b", "c", "d"))
+  f1s = []
+  for c, name in enumerate("abcd"):
+    tp = sum(1 for t, p in zip(labels, predictions, strict=True) if t == c and p == c)
+    predicted = sum(1 for p in predictions if p == c)
+    actual = sum(1 for t in labels if t == c)
+    precision = tp / predicted if predicted else 0.0
+    recall = tp / actual if actual else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    f1s.append(f1)
+    assert report["per_class"][name] == pytest.approx(
+      {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    )
+    assert report["confusion_matrix"][c] == [
+      sum(1 for t, p in zip(labels, predictions, strict=True) if t == c and p == q) for q in range(4)
+    ]
+  assert report["per_class"]["d"]["precision"] == 0.0 and report["per_class"]["d"]["support"] > 0
+  assert report["macro_f1"] == pytest.approx(sum(f1s) / 4)
+  assert report["accuracy"] == pytest.approx(float(np.mean(labels == predictions)))
+  assert "macro" in format_report(report) and "true / predicted" in format_report(report)

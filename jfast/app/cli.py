@@ -1,8 +1,12 @@
-"""The ``jfast`` command: the fine-tune, and every experiment and benchmark of a checkout, behind one entry point.
+"""The ``jfast`` command: fine-tune, evaluate, predict, export, and every experiment and benchmark of a checkout,
+behind one entry point.
 
     jfast finetune optimizer.learning_rate=3e-5 batching.strategy=bucket
     jfast finetune --config sst2.yaml
-    jfast distill distill.teacher=runs/teacher/hf
+    jfast evaluate runs/finetune-20261207-101500 my-data/test.tsv   # accuracy, macro-F1, per class, confusion
+    jfast predict runs/finetune-20261207-101500 texts.txt           # label and probabilities per line (JSONL)
+    jfast export runs/finetune-20261207-101500 my-model             # a Hugging Face folder (also from checkpoints)
+    jfast distill distill.teacher=runs/teacher/model
     jfast experiment padding max_train=2000          # any script in the repository's experiments/
     jfast bench attention_scaling                    # any script in the repository's benchmarks/
     jfast report                                     # report/report.md and report.html from the latest runs
@@ -11,6 +15,9 @@ Experiments and benchmarks are plain ``argparse`` scripts (``python -m experimen
 the repository, not in the installed package; this command reads their parser to offer the same options as
 ``key=value`` words and YAML files, with typo suggestions, and wraps each call in a run folder
 (`jfast.app.runs.RunDir`) with the resolved options, the machine, and the script's summary.
+
+A mistake in an option, a data file or a model folder ends the command with one line naming it and exit status 2;
+``--debug`` anywhere on the command line shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import yaml
 
 from jfast.app.config import ConfigError, parse_override
+from jfast.app.entry import USER_ERRORS, debug_requested, user_error_message
 from jfast.app.runs import RunDir
 from jfast.cpu.hugepages import ensure_hugepages
 
@@ -228,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help=f"script name; omit to list {package}/")
     s.add_argument("--config", help="YAML file of options")
     s.add_argument("words", nargs=argparse.REMAINDER, help="key=value options (or the script's own --flags)")
+  for name, what in (
+    ("evaluate", "score a model on a dataset split or a TSV/CSV file ('jfast evaluate -h')"),
+    ("predict", "label texts from a file or stdin as JSONL or TSV ('jfast predict -h')"),
+    ("export", "write a Hugging Face folder from a run or checkpoint folder ('jfast export -h')"),
+  ):
+    s = sub.add_parser(name, help=what, add_help=False)
+    s.add_argument("words", nargs=argparse.REMAINDER)
   s = sub.add_parser("report", help="gather the latest results into report.md and report.html")
   s.add_argument("--results", default="results", help="folder of experiment outputs")
   s.add_argument("--out", default="report", help="folder for report.md, report.html and figures")
@@ -245,16 +260,41 @@ def wants_hugepages(args: argparse.Namespace) -> bool:
   return args.command in ("finetune", "distill") or (args.command, getattr(args, "name", None)) == ("experiment", "lm")
 
 
+def export_main(argv=None) -> None:
+  p = argparse.ArgumentParser(
+    prog="jfast export",
+    description="Write a complete Hugging Face folder (config with "
+    "label names, weights, tokenizer) from a run folder, a model folder, or a --checkpoint-dir's newest checkpoint.",
+  )
+  p.add_argument("source", help="run folder, model folder, or checkpoint folder")
+  p.add_argument("out", help="the new folder")
+  args = p.parse_args(argv)
+  from jfast.app.export import export
+
+  export(args.source, args.out)
+
+
+def _tool(name: str):
+  if name == "export":
+    return export_main
+  from jfast.app import evaluate  # loads the library: only for these commands
+
+  return {"evaluate": evaluate.evaluate_main, "predict": evaluate.predict_main}[name]
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  debug, words = debug_requested(sys.argv[1:] if argv is None else argv)
+  args = parser.parse_args(words)
   if args.command is None:
     parser.print_help()
     return 0
   if argv is None and wants_hugepages(args):
     ensure_hugepages(retain=(args.command, getattr(args, "name", None)) == ("experiment", "lm"))
   try:
-    if args.command in ("finetune", "distill"):
+    if args.command in ("evaluate", "predict", "export"):
+      _tool(args.command)(args.words)
+    elif args.command in ("finetune", "distill"):
       _finetune(args.command, args.config, args.words, args.runs)
     elif args.command in _PACKAGES:
       if not args.name:
@@ -266,10 +306,17 @@ def main(argv: list[str] | None = None) -> int:
 
       path = build_report(results=args.results, runs=args.runs, out=args.out)
       print(f"[jfast] report: {path} and {path.with_suffix('.html')}")
-  except (ConfigError, FileNotFoundError) as e:
-    # A missing file (a config, a model folder) is the user's to fix: its message, not a traceback.
-    print(f"jfast: error: {e}", file=sys.stderr)
+  except USER_ERRORS as e:
+    # An option, a data file or a model folder the user can fix: its message, not a traceback.
+    if debug:
+      raise
+    print(f"jfast: error: {user_error_message(e)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("jfast: interrupted", file=sys.stderr)
+    return 130
   return 0
 
 

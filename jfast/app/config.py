@@ -20,8 +20,10 @@ from typing import Any
 
 import yaml
 
+from jfast.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A config file or override that does not fit the config's dataclasses."""
 
 

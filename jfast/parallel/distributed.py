@@ -148,7 +148,9 @@ def host_dataset(dataset: TextDataset) -> TextDataset:
   if jax.process_count() == 1:
     return dataset
   index = host_shard(len(dataset))
-  return TextDataset(tuple(dataset.texts[i] for i in index), dataset.labels[index], dataset.label_names)
+  texts = tuple(dataset.texts[i] for i in index)
+  lines = tuple(dataset.lines[i] for i in index) if dataset.lines else ()
+  return dataclasses.replace(dataset, texts=texts, labels=dataset.labels[index], lines=lines)
 
 
 def agree_batching(config: BatchingConfig, seqs: Sequence[np.ndarray], labels: np.ndarray, pad_id: int):

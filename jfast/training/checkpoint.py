@@ -64,6 +64,17 @@ class Checkpointer:
     )
     return restored["state"], dict(restored["data"])
 
+  def restore_params(self, step: int | None = None) -> tuple[int, Any] | None:
+    """``(step, params)`` of a checkpoint (default the newest) as host arrays, without the optimizer's structure:
+    what an export needs. None when there is no checkpoint."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+    )
+    return step, jax.device_get(restored["state"]["params"])
+
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
     self._manager.wait_until_finished()

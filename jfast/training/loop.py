@@ -16,6 +16,7 @@ Research code that wants its own loop uses the same pieces (`create_train_state`
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
@@ -48,12 +49,15 @@ class LoopConfig:
     epochs: passes over the training data.
     max_steps: stop after this many optimizer steps (None: run all epochs); the schedule still spans the epochs.
     seed: seeds data order and dropout.
-    log_every: steps between fetching metrics from the device (each fetch waits for the device).
+    log_every: steps between fetching metrics from the device (each fetch waits for the device); without a progress
+      bar (``progress=False``, or no terminal on stderr) each fetch also prints one log line.
     eval_every: steps between dev evaluations (None: only at the end).
     checkpoint_dir: where to checkpoint (None: no checkpoints).
     checkpoint_every: steps between checkpoints.
     keep_checkpoints: how many recent checkpoints to keep.
-    progress: show a tqdm progress bar.
+    progress: show a tqdm progress bar when stderr is a terminal, else a log line every ``log_every`` steps; False
+      prints the log lines only.
+    quiet: print neither bar nor log lines (runs driven side by side by an experiment that reports itself).
     time_steps: wait for every step and record its wall time and shape in ``stats["step_times"]``, so compile time
       (the first step of each shape) can be told apart from steady-state time; costs the host/device overlap.
   """
@@ -67,6 +71,7 @@ class LoopConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
   progress: bool = True
+  quiet: bool = False
   time_steps: bool = False
 
   def __post_init__(self):
@@ -113,13 +118,24 @@ def evaluate(eval_step: Callable, params, batches: Iterable, *inputs) -> dict[st
   }
 
 
-def _token_counts(batch) -> tuple[int, int]:
-  """(real tokens, computed token slots) of a batch with ``segment_ids`` (0 = padding); (0, 0) without them."""
+def _token_counts(batch) -> tuple[int, int, int]:
+  """(real tokens, computed token slots, examples) of a batch with ``segment_ids`` (0 = padding) and
+  ``example_mask``; zeros for what it lacks."""
   segment_ids = getattr(batch, "segment_ids", None)
+  mask = getattr(batch, "example_mask", None)
+  examples = int(np.count_nonzero(mask)) if mask is not None else 0
   if segment_ids is None:
-    return 0, 0
+    return 0, 0, examples
   real = getattr(batch, "num_real_tokens", None)
-  return (int(np.count_nonzero(segment_ids)) if real is None else int(real)), int(np.size(segment_ids))
+  return (int(np.count_nonzero(segment_ids)) if real is None else int(real)), int(np.size(segment_ids)), examples
+
+
+def _log_line(row: dict, total_steps: int, elapsed: float, desc: str) -> str:
+  parts = [f"[{desc}] step {row['step']:,}/{total_steps:,}", f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
+  if "accuracy" in row:
+    parts.append(f"acc {row['accuracy']:.4f}")
+  parts += [f"{row['tokens_per_second']:,.0f} real tokens/s", f"{elapsed:,.0f}s"]
+  return " | ".join(parts)
 
 
 def _epochs(batches) -> Callable[[int], list]:
@@ -199,6 +215,8 @@ def training_loop(
     "epoch_seconds": [],
     "train_tokens": 0,
     "computed_tokens": 0,
+    "train_examples": 0,
+    "steps_run": 0,
     "step_times": [],
   }
 
@@ -209,8 +227,11 @@ def training_loop(
     if on_log is not None:
       on_log({"step": step, **{f"eval_{k}": v for k, v in evals[-1].items() if k != "step"}})
 
-  quiet = not loop.progress or jax.process_index() != 0  # one progress bar for a multi-host run, process 0's
-  bar = tqdm(total=total_steps, initial=step, disable=quiet, desc=desc, unit="step")
+  # One progress bar (or log) for a multi-host run, process 0's; a bar only where a terminal shows it.
+  talk = not loop.quiet and jax.process_index() == 0
+  use_bar = talk and loop.progress and sys.stderr.isatty()
+  bar = tqdm(total=total_steps, initial=step, disable=not use_bar, desc=desc, unit="step")
+  log_lines, t_start = talk and not use_bar, time.perf_counter()
   compiles = getattr(train_step, "num_compiles", None)
   pending: list[dict] = []
   epoch = start_epoch
@@ -218,7 +239,7 @@ def training_loop(
     while step < total_steps and epoch < loop.epochs:
       epoch_batches = first if epoch == 0 else batches_of(epoch)
       skip = start_batch if epoch == start_epoch else 0
-      real, computed = zip(*map(_token_counts, epoch_batches), strict=True)
+      real, computed, examples = zip(*map(_token_counts, epoch_batches), strict=True)
       stats["padding_efficiency"] = sum(real) / max(sum(computed), 1)
       t0 = time.perf_counter()
       window_tokens, window_start = 0, t0
@@ -233,6 +254,8 @@ def training_loop(
         step += 1
         stats["train_tokens"] += real[i]
         stats["computed_tokens"] += computed[i]
+        stats["train_examples"] += examples[i]
+        stats["steps_run"] += 1
         window_tokens += real[i]
         bar.update(1)
         if step % loop.log_every == 0 or step == total_steps:
@@ -244,6 +267,8 @@ def training_loop(
           window_tokens, window_start = 0, now
           history.append(row)
           bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
+          if log_lines:
+            print(_log_line(row, total_steps, now - t_start, desc), flush=True)
           if on_log is not None:
             on_log(row)
           pending = []
