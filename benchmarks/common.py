@@ -102,27 +102,42 @@ def summarize_steps(
   }
 
 
-def non_embedding_params(hidden: int, layers: int, intermediate: int, num_labels: int) -> int:
-  """Parameters that cost FLOPs per token: encoder layers, pooler and classifier (embeddings are lookups)."""
-  per_layer = 4 * (hidden * hidden + hidden) + 2 * hidden * intermediate + intermediate + hidden + 4 * hidden
-  return layers * per_layer + hidden * hidden + hidden + hidden * num_labels + num_labels
+def layer_params(hidden: int, intermediate: int) -> int:
+  """Parameters of one encoder layer that cost FLOPs per row: q/k/v/output projections, FFN, two LayerNorms."""
+  return 4 * (hidden * hidden + hidden) + 2 * hidden * intermediate + intermediate + hidden + 4 * hidden
 
 
 def train_flops(
-  example_lengths: Sequence[int], *, hidden: int, layers: int, intermediate: int, num_labels: int
+  example_lengths: Sequence[int],
+  *,
+  hidden: int,
+  layers: int,
+  intermediate: int,
+  num_labels: int,
+  cls_only_last_layer: bool = False,
 ) -> float:
-  """Model FLOPs of one training step (forward + backward) over the real tokens of the given examples.
+  """Model FLOPs of one training step (forward + backward) over the real tokens of the given examples, as the
+  model runs them.
 
-  ``6 * N * T + 12 * layers * hidden * sum(len_i ** 2)``: N non-embedding parameters, T real tokens; each weight
-  costs 2 FLOPs per token forward and 4 backward, and attention's two ``L x L`` products (``QK^T`` and ``PV``)
-  cost ``4 * L^2 * hidden`` per layer forward, times 3 with the backward. Padding and recomputation (remat) are not
+  A weight costs 2 FLOPs per row forward and 4 backward (6 in all) for each row it is applied to; attention's two
+  products (``QK^T``, ``PV``) cost ``4 * queries * keys * hidden`` per layer forward, times 3 with the backward.
+  Encoder layers run at every real token; the pooler and the classifier at one row per example. With
+  ``cls_only_last_layer`` (jfast's classifier: `BertForSequenceClassification.last_layer_pooled_only`) the last
+  layer's keys and values still cover every token, but its query, output projection, FFN and LayerNorms run at
+  the [CLS] row alone, and its attention has one query per example. Padding and recomputation (remat) are not
   counted: this is useful work, so MFU is comparable across padding strategies.
   """
   tokens = sum(example_lengths)
-  attention = sum(n * n for n in example_lengths)
-  return 6.0 * non_embedding_params(hidden, layers, intermediate, num_labels) * tokens + 12.0 * layers * hidden * (
-    attention
-  )
+  square = sum(n * n for n in example_lengths)
+  examples = len(example_lengths)
+  per_layer = layer_params(hidden, intermediate)
+  full = layers - 1 if cls_only_last_layer else layers
+  flops = 6.0 * per_layer * full * tokens + 12.0 * full * hidden * square
+  if cls_only_last_layer:
+    key_value = 2 * (hidden * hidden + hidden)
+    flops += 6.0 * key_value * tokens + 6.0 * (per_layer - key_value) * examples + 12.0 * hidden * tokens
+  head = hidden * hidden + hidden + hidden * num_labels + num_labels  # pooler and classifier
+  return flops + 6.0 * head * examples
 
 
 def print_and_save(text: str, out: str | None) -> None:

@@ -28,6 +28,7 @@ from benchmarks import common
 from benchmarks.step_profile import _jax_step, _spec
 from jfast.app.entry import run_main
 from jfast.app.runs import cpu_description
+from jfast.training.compile_cache import disable_compilation_cache
 
 # Each a dict of XLA debug options for `Lowered.compile(compiler_options=...)`; the names are XLA's DebugOptions.
 OPTION_SETS = {
@@ -139,6 +140,8 @@ def main(argv=None) -> None:
   p.add_argument("--out", default=None, help="also write the markdown here")
   args = p.parse_args(argv)
   common.pin_threads(2)
+  if not args.cache_child:
+    disable_compilation_cache()  # cold compiles: the entry point's default cache would make repeats warm
   if args.cache_child:
     print(json.dumps(_cache_child(args.config, args.cache_child)))
     return

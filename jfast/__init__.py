@@ -68,6 +68,12 @@ _EXPORTS = {
   "LoopConfig": "jfast.training.loop",
   "evaluate": "jfast.training.loop",
   "fit": "jfast.training.loop",
+  "enable_compilation_cache": "jfast.training.compile_cache",
+  "make_predict_step": "jfast.training.predict",
+  "predict_probabilities": "jfast.training.predict",
+  "classification_report": "jfast.training.metrics",
+  "load_classification_splits": "jfast.data.datasets",
+  "load_text_classification": "jfast.data.datasets",
   "training_loop": "jfast.training.loop",
   # compress
   "DistillConfig": "jfast.compress.distillation",

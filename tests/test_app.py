@@ -229,6 +229,24 @@ def _no_model(*args, **kwargs):
   raise AssertionError("the model was loaded before the bad input was found")
 
 
+class _DataRead(Exception):
+  """Raised where the model would load: the data was read without an error."""
+
+
+def test_the_encoding_option_reads_the_file_the_default_refuses(tmp_path, monkeypatch):
+  folder = _bad(tmp_path, "latin", "sentence\tlabel\nd\u00e9cor\t0\nb\t1\n", "latin-1")
+  (folder / "dev.tsv").write_bytes("sentence\tlabel\nna\u00efve\t1\nc\t0\n".encode("latin-1"))
+
+  def reached(*args, **kwargs):
+    raise _DataRead
+
+  monkeypatch.setattr(finetune, "load_hf_bert", reached)
+  with pytest.raises(_DataRead):
+    _run(["--runs", str(tmp_path / "runs"), "finetune", f"data.dataset={folder}", "data.encoding=latin-1"])
+  code, _, err = _run(["--runs", str(tmp_path / "runs"), "finetune", f"data.dataset={folder}"])
+  assert code == 2 and "data.encoding" in err
+
+
 @pytest.mark.parametrize(
   ("words", "message"),
   [
@@ -287,3 +305,26 @@ def test_a_packed_run_sized_in_examples_holds_about_that_many(data_dir, minilm_p
     epoch = make_batches(ids, np.zeros(len(ids), np.int32), BatchingConfig("packed", batch_size=rows), pad_id=0)
     per_step = epoch.num_examples / len(epoch.batches)
     assert abs(per_step - wanted) / wanted < 0.1, (wanted, rows, per_step)
+
+
+def test_accelerator_defaults_and_the_accelerator_preset(monkeypatch):
+  assert finetune.default_precision("cpu") == "fp32"
+  assert finetune.default_precision("gpu") == finetune.default_precision("tpu") == "bf16"
+  assert (
+    finetune.default_fuse_qkv("gpu") and not finetune.default_fuse_qkv("tpu") and not finetune.default_fuse_qkv("cpu")
+  )
+  assert str(finetune.check_options(finetune.parse_args([])).policy) == str(finetune.get_policy("fp32"))
+  assert finetune.default_attention_dropout("gpu", 0.1) == finetune.default_attention_dropout("tpu", 0.1) == 0.0
+  assert finetune.default_attention_dropout("cpu", 0.1) == 0.1
+  assert finetune.check_options(finetune.parse_args(["--attention-dropout", "0.05"])).attention_dropout == 0.05
+  with pytest.raises(UserError, match="--attention-dropout must be auto or a rate"):
+    finetune.check_options(finetune.parse_args(["--attention-dropout", "lots"]))
+  monkeypatch.setattr(finetune.jax, "default_backend", lambda: "gpu")
+  args = finetune.parse_args(["--preset", "accelerator", "--steps-per-call", "2"])
+  options = finetune.check_options(args)
+  assert str(options.policy) == str(finetune.get_policy("bf16"))
+  assert args.tokens_per_step == 16384 and args.steps_per_call == 2  # the explicit option beats the preset
+  budget = finetune.parse_args(["--strategy", "token_budget", "--tokens-per-step", "4096"])
+  assert finetune.check_options(budget).batching.token_budget == 4096
+  with pytest.raises(UserError, match="--tokens-per-step sizes packed or token_budget batches"):
+    finetune.check_options(finetune.parse_args(["--strategy", "bucket", "--tokens-per-step", "4096"]))

@@ -75,10 +75,28 @@ def test_examples_and_plans_round_trip(tmp_path):
   assert plans["x"].lengths == [5, 2] and plans["x"].real_tokens(train.lengths) == [8, 2]
 
 
-def test_flop_count_matches_a_hand_count():
-  # One layer, hidden 2, intermediate 4, 2 labels: per layer 4*(4+2) + 2*2*4 + 4 + 2 + 8 = 54; pooler 6; head 6.
-  assert common.non_embedding_params(2, 1, 4, 2) == 66
-  assert common.train_flops([3, 1], hidden=2, layers=1, intermediate=4, num_labels=2) == 6 * 66 * 4 + 12 * 2 * 10
+def _enumerated_flops(lengths, hidden, layers, inter, labels, cls_only):
+  """Every product of the step, one by one: 2 FLOPs per multiply-add forward, twice that backward."""
+  h, total = hidden, 0
+  for length in lengths:
+    for layer in range(layers):
+      queries = 1 if cls_only and layer == layers - 1 else length
+      total += 3 * 2 * length * 2 * (h * h + h)  # key and value projections: every token
+      rows_weights = 2 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * (2 * h)  # q, out, FFN, 2 LNs
+      total += 3 * 2 * queries * rows_weights
+      total += 3 * 2 * (queries * length * h) * 2  # QK^T and PV
+    total += 3 * 2 * (h * h + h + h * labels + labels)  # pooler and classifier, one row per example
+  return total
+
+
+def test_flop_count_matches_the_enumerated_products():
+  lengths = np.random.default_rng(0).integers(3, 70, size=9).tolist()
+  for cls_only in (False, True):
+    dims = {"hidden": 48, "layers": 3, "intermediate": 96, "num_labels": 4, "cls_only_last_layer": cls_only}
+    assert common.train_flops(lengths, **dims) == _enumerated_flops(lengths, 48, 3, 96, 4, cls_only)
+  full = common.train_flops(lengths, hidden=48, layers=3, intermediate=96, num_labels=4)
+  cls = common.train_flops(lengths, hidden=48, layers=3, intermediate=96, num_labels=4, cls_only_last_layer=True)
+  assert 0.6 * full < cls < full  # a third of the layers, minus most of the last one's work
 
 
 def test_step_summary_leaves_out_warmup_and_compile_steps():

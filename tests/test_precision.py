@@ -397,9 +397,9 @@ def test_fit_takes_a_policy():
 
 
 def test_finetune_precision_flag():
-  from jfast.app.finetune import parse_args
+  from jfast.app.finetune import default_precision, parse_args
 
-  assert get_policy(parse_args([]).precision) == get_policy("fp32")
+  assert parse_args([]).precision == "auto" and get_policy(default_precision("cpu")) == get_policy("fp32")
   assert get_policy(parse_args(["--precision", "p=bf16,c=bf16"]).precision) == get_policy("pure-bf16")
   with pytest.raises(SystemExit):
     parse_args(["--dtype", "bfloat16"])  # one flag for precision: --precision

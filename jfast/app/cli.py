@@ -17,7 +17,9 @@ the repository, not in the installed package; this command reads their parser to
 (`jfast.app.runs.RunDir`) with the resolved options, the machine, and the script's summary.
 
 A mistake in an option, a data file or a model folder ends the command with one line naming it and exit status 2;
-``--debug`` anywhere on the command line shows the traceback instead.
+``--debug`` anywhere on the command line shows the traceback instead. Compiled steps are kept in JAX's persistent
+cache (``~/.cache/jfast/jax``; `jfast.training.compile_cache`), so a repeated run compiles from the cache;
+``--no-compile-cache`` (or ``JFAST_COMPILATION_CACHE=off``) turns it off.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 import yaml
 
 from jfast.app.config import ConfigError, parse_override
-from jfast.app.entry import USER_ERRORS, debug_requested, user_error_message
+from jfast.app.entry import USER_ERRORS, debug_requested, quiet_broken_pipe, start, user_error_message
 from jfast.app.runs import RunDir
 from jfast.cpu.hugepages import ensure_hugepages
 
@@ -226,6 +228,8 @@ def _finetune(mode: str, config_file: str | None, words: list[str], runs_root: s
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jfast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--runs", default="runs", help="parent folder of run folders")
+  p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+  p.add_argument("--debug", action="store_true", help="show tracebacks of errors in the input")
   sub = p.add_subparsers(dest="command")
   for mode in ("finetune", "distill"):
     s = sub.add_parser(mode, help=f"{mode} a BERT classifier (key=value overrides; 'jfast {mode} help' lists keys)")
@@ -285,6 +289,7 @@ def _tool(name: str):
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   debug, words = debug_requested(sys.argv[1:] if argv is None else argv)
+  words = start(words)
   args = parser.parse_args(words)
   if args.command is None:
     parser.print_help()
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print("jfast: interrupted", file=sys.stderr)
     return 130
+  except BrokenPipeError:
+    quiet_broken_pipe()
   return 0
 
 

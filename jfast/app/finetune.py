@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,11 +63,33 @@ from jfast.training import LoopConfig, classification_loss, evaluate, fit, make_
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 
-# Named option sets. ``quick`` is the README's main job: the first 40,000 SST-2 sentences, one epoch, about 7 minutes
-# on 2 CPU cores; any option given explicitly beats the preset's.
+# Named option sets; any option given explicitly beats the preset's. ``quick`` is the README's main job: the first
+# 40,000 SST-2 sentences, one epoch, about 7 minutes on 2 CPU cores. ``accelerator`` sizes packed batches in tokens
+# for a GPU or TPU (about 124 SST-2 sentences a step) and runs 4 steps per call against dispatch overhead; bf16 and
+# fused QKV projections are the defaults there anyway (``--precision auto``, ``--fuse-qkv auto``).
 PRESETS: dict[str, dict[str, object]] = {
   "quick": {"max_train_examples": 40000},
+  "accelerator": {"tokens_per_step": 16384, "steps_per_call": 4},
 }
+_PRESET_KEYS = ("tokens_per_step", "steps_per_call")  # besides max_train_examples, which check_options resolves
+
+
+def default_precision(backend: str) -> str:
+  """``--precision auto``: bf16 compute on accelerators (their matrix units run it at twice float32's rate or
+  more), float32 on CPUs (bf16 helps only those with bf16 instructions, and the fine-tune's default must not
+  depend on the CPU's generation)."""
+  return "fp32" if backend == "cpu" else "bf16"
+
+
+def default_attention_dropout(backend: str, model_rate: float) -> float:
+  """``--attention-dropout auto``: 0 on GPU/TPU, where the fused attention kernels (`jfast.nn.fused_attention`)
+  run only without it; the model's own rate on CPUs (docs/attention.md has its measured effect on accuracy)."""
+  return model_rate if backend == "cpu" else 0.0
+
+
+def default_fuse_qkv(backend: str) -> bool:
+  """``--fuse-qkv auto``: one product for query, key and value on GPUs (one wider GEMM, fewer launches)."""
+  return backend in ("gpu", "cuda", "rocm")
 
 
 def default_model_path() -> str:
@@ -120,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--examples-per-step", type=int, default=None, help="size batches in examples (packed: rows that hold about N)"
   )
+  p.add_argument(
+    "--tokens-per-step", type=int, default=None, help="size batches in tokens (packed rows, or token_budget batches)"
+  )
   p.add_argument("--row-length", type=int, default=None, help="packed row length (default: dataset max)")
   p.add_argument("--num-buckets", type=int, default=8)
   p.add_argument("--token-budget", type=int, default=None)
@@ -140,8 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--precision",
-    default="fp32",
-    help="fp32 | bf16 | fp16 | pure-bf16 | a policy string such as params=float32,compute=bfloat16,output=float32",
+    default="auto",
+    help="auto (bf16 on GPU/TPU, fp32 on CPU) | fp32 | bf16 | fp16 | pure-bf16 | a policy string such as "
+    "params=float32,compute=bfloat16,output=float32",
+  )
+  p.add_argument("--fuse-qkv", default="auto", choices=("auto", "on", "off"), help="auto: on GPUs")
+  p.add_argument(
+    "--attention-dropout",
+    default="auto",
+    help="attention-probability dropout: auto (0 on GPU/TPU, where the fused kernel cannot drop; the model's "
+    "own elsewhere) or a rate",
   )
   p.add_argument("--loss-scale", default=None, help="none | dynamic | static:<scale> (default: dynamic for fp16)")
   p.add_argument("--seed", type=int, default=0)
@@ -153,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--export", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old commands
   p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
   p.add_argument("--log-every", type=int, default=50, help="steps between logged metrics (and log lines)")
+  p.add_argument(
+    "--steps-per-call", type=int, default=1, help="train steps per jitted call (a lax.scan; against dispatch cost)"
+  )
   g = p.add_argument_group("model and memory (docs/attention.md, docs/memory.md)")
   g.add_argument("--remat", default="none", help="remat policy: none | full | dots | save_qkv | ... (jfast.nn)")
   g.add_argument("--attention", default="dense", help="dense | sliding_window | blockwise")
@@ -266,6 +303,7 @@ class _Options:
   labels: tuple[str, ...] | None
   max_train_examples: int | None
   preset_note: str
+  attention_dropout: float | None  # None: auto
 
 
 def _checked(flags: str, build: Callable):
@@ -281,6 +319,13 @@ def _checked(flags: str, build: Callable):
 def check_options(args) -> _Options:
   """Every option checked without loading data or model: a bad value fails in a second, with one line."""
   preset = PRESETS.get(args.preset, {})
+  defaults = build_parser()
+  for key in _PRESET_KEYS:
+    if key in preset and getattr(args, key) == defaults.get_default(key):
+      setattr(args, key, preset[key])
+  backend = jax.default_backend()
+  if args.precision == "auto":
+    args.precision = default_precision(backend)
   max_train = args.max_train_examples if args.max_train_examples is not None else preset.get("max_train_examples")
   if max_train is not None and max_train < 0:
     raise ConfigError(f"--max-train-examples must be 0 (all) or positive, got {max_train}")
@@ -289,6 +334,15 @@ def check_options(args) -> _Options:
     raise ConfigError(f"--examples-per-step must be a positive integer, got {args.examples_per_step}")
   if args.strategy == "token_budget" and args.examples_per_step is not None:
     raise ConfigError("--examples-per-step does not apply to token_budget batches (they are sized in tokens)")
+  if args.tokens_per_step is not None:
+    if args.tokens_per_step < 1:
+      raise ConfigError(f"--tokens-per-step must be a positive integer, got {args.tokens_per_step}")
+    if args.strategy not in ("packed", "token_budget"):
+      raise ConfigError("--tokens-per-step sizes packed or token_budget batches; pick one with --strategy")
+    if args.examples_per_step is not None:
+      raise ConfigError("give --tokens-per-step or --examples-per-step, not both")
+    if args.strategy == "token_budget":
+      args.token_budget = args.tokens_per_step
   policy = _checked("--precision", lambda: get_policy(args.precision))
   _checked("--loss-scale", lambda: resolve_loss_scale(policy, args.loss_scale))
   attention = _checked(
@@ -309,6 +363,10 @@ def check_options(args) -> _Options:
       row_length=args.row_length,
     ),
   )
+  if args.steps_per_call < 1:
+    raise ConfigError(f"--steps-per-call must be a positive integer, got {args.steps_per_call}")
+  if args.steps_per_call > 1 and args.mesh:
+    raise ConfigError("--steps-per-call above 1 does not run on a --mesh yet")
   if args.micro_batches < 1 or batching.batch_size % args.micro_batches:
     raise ConfigError(f"--micro-batches {args.micro_batches} must be positive and divide --batch-size {batch_size}")
   loop = _checked(
@@ -348,7 +406,17 @@ def check_options(args) -> _Options:
     if folder and not (Path(folder) / "config.json").is_file():
       what = "no such folder" if not Path(folder).exists() else "no config.json in it"
       raise ConfigError(f"{flag} {folder}: {what} (expected a Hugging Face BERT folder)")
-  return _Options(policy, attention, batching, loop, optimizer, labels, max_train or None, note)
+  attention_dropout = None
+  if args.attention_dropout != "auto":
+    try:
+      attention_dropout = float(args.attention_dropout)
+    except ValueError:
+      raise ConfigError(
+        f"--attention-dropout must be auto or a rate in [0, 1), got {args.attention_dropout!r}"
+      ) from None
+    if not 0 <= attention_dropout < 1:
+      raise ConfigError(f"--attention-dropout must be auto or a rate in [0, 1), got {attention_dropout}")
+  return _Options(policy, attention, batching, loop, optimizer, labels, max_train or None, note, attention_dropout)
 
 
 def load_data(args, labels: tuple[str, ...] | None):
@@ -389,7 +457,13 @@ def main(argv=None) -> dict:
 
   model_path = args.model or (args.distill_from if args.distill_from else default_model_path())
   config, encoder_params = load_hf_bert(model_path)
-  config = config.replace(remat_policy=args.remat, attention=options.attention)
+  backend = jax.default_backend()
+  fuse = args.fuse_qkv == "on" or (args.fuse_qkv == "auto" and default_fuse_qkv(backend))
+  rate = options.attention_dropout
+  rate = default_attention_dropout(backend, config.attention_probs_dropout_prob) if rate is None else rate
+  config = config.replace(
+    remat_policy=args.remat, attention=options.attention, fuse_qkv=fuse, attention_probs_dropout_prob=rate
+  )
   # An exported fine-tune may have weights only; its tokenizer is then the base model's.
   tokenizer_dir = tokenizer_path(model_path)
   tokenizer = load_tokenizer(tokenizer_dir)
@@ -400,6 +474,15 @@ def main(argv=None) -> dict:
   dev_ids, dev_cut = tokenize(tokenizer, eval_ds.texts, max_length=config.max_position_embeddings)
 
   batching = options.batching
+  if args.tokens_per_step and batching.strategy == "packed":
+    row_length = batching.row_length or max(len(ids) for ids in train_ids)
+    rows = max(1, args.tokens_per_step // row_length)
+    batching = dataclasses.replace(
+      batching, batch_size=max(rows, args.micro_batches) // args.micro_batches * args.micro_batches
+    )
+    print(
+      f"packed: {batching.batch_size} rows of {row_length} tokens a step (--tokens-per-step {args.tokens_per_step})"
+    )
   if args.examples_per_step and batching.strategy == "packed":
     lengths = [len(ids) for ids in train_ids]
     row_length = batching.row_length or max(lengths)
@@ -440,6 +523,7 @@ def main(argv=None) -> dict:
     micro_batches=args.micro_batches,
     freeze_mask=freeze_mask(params, bottom_layers=args.freeze_layers) if args.freeze_layers else None,
     row_sparse=args.row_sparse_embeddings != "off",
+    steps_per_call=args.steps_per_call,
   )
   wall = time.perf_counter() - t_start
   final = result.evals[-1]
@@ -469,7 +553,11 @@ def main(argv=None) -> dict:
     "params": num_params(params),
     "wall_seconds": wall,
     "train_seconds": train_seconds,
-    "real_tokens_per_second": stats["train_tokens"] / max(train_seconds, 1e-9),
+    "real_tokens_per_second": stats["end_to_end_tokens_per_second"],  # end to end: compiles included
+    "steady_real_tokens_per_second": stats["steady_tokens_per_second"],
+    "compile_seconds": stats["compile_seconds"],
+    "compiles_from_cache": stats["cached_compiles"],
+    "eval_compile_seconds": stats.get("eval_compile_seconds"),
     "padding_efficiency": stats["train_tokens"] / max(stats["computed_tokens"], 1),
     "train_compiles": stats["train_compiles"],
     "eval_compiles": stats["eval_compiles"],
@@ -503,8 +591,13 @@ def main(argv=None) -> dict:
   print(
     f"{eval_name} accuracy {final['accuracy']:.4f} on {final['examples']:,} examples | {summary['steps']} steps of "
     f"{size} ({summary['examples_per_step']:.1f} examples, {summary['real_tokens_per_step']:.0f} real tokens a step)"
-    f" in {train_seconds:.0f}s training, {wall:.0f}s wall | {summary['real_tokens_per_second']:.0f} real tokens/s | "
-    f"padding efficiency {summary['padding_efficiency']:.3f} | {summary['train_compiles']} train compiles"
+    f" in {train_seconds:.0f}s training, {wall:.0f}s wall"
+  )
+  steady = summary["steady_real_tokens_per_second"]
+  warm = f"{stats['cached_compiles']} of {stats['train_compiles']} from the cache"
+  print(
+    f"real tokens/s: {steady or float('nan'):,.0f} steady, {summary['real_tokens_per_second']:,.0f} end to end | "
+    f"compile {stats['compile_seconds']:.1f}s ({warm}) | padding efficiency {summary['padding_efficiency']:.3f}"
   )
   if options.preset_note:
     print(f"{options.preset_note} of {available:,} (the preset keeps the run short; --max-train-examples 0 for all)")
@@ -512,6 +605,11 @@ def main(argv=None) -> dict:
   return summary
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+  """The ``jfast-finetune`` console script and ``python -m jfast.app.finetune``: one-line errors, exit status."""
   ensure_hugepages()  # on a CPU backend: re-executes once with huge pages for XLA's buffers (jfast.cpu.hugepages)
-  run_main(main)
+  run_main(main, prog="jfast-finetune" if sys.argv[0].endswith("jfast-finetune") else None)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -40,6 +40,7 @@ class BatchingSection:
   strategy: str = "packed"
   batch_size: int = 16  # rows (packed: rows of row_length tokens; see examples_per_step)
   examples_per_step: int | None = None  # size batches in examples instead (packed: rows that hold about this many)
+  tokens_per_step: int | None = None  # size batches in tokens (packed rows, or the token_budget strategy's budget)
   row_length: int | None = None
   num_buckets: int = 8
   token_budget: int | None = None
@@ -50,12 +51,14 @@ class ModelConfig:
   remat_policy: str = "none"  # a key of jfast.nn.REMAT_POLICIES
   attention: str = "dense"  # dense | sliding_window | blockwise
   window: int | None = None  # sliding_window: tokens each side
+  fuse_qkv: str = "auto"  # auto (on GPUs) | on | off: one product for query, key and value
+  attention_dropout: str = "auto"  # auto (0 on GPU/TPU: the fused kernel cannot drop) | a rate
   block_size: int | None = None  # blockwise
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionConfig:
-  policy: str = "fp32"  # fp32 | bf16 | fp16 | pure-bf16 | params=..,compute=..,output=..
+  policy: str = "auto"  # auto (bf16 on GPU/TPU, fp32 on CPU) | fp32 | bf16 | fp16 | pure-bf16 | params=..,compute=..
   loss_scale: str | None = None  # none | dynamic | static:<scale>; None: the policy's default
 
 
@@ -85,6 +88,7 @@ class LoopSection:
   export: bool = True  # write the trained model (config, weights, tokenizer) to the run folder's model/
   progress: bool = True  # a bar on a terminal; else (or False) a log line every log_every steps
   log_every: int = 50
+  steps_per_call: int = 1  # train steps per jitted call (lax.scan), against per-step dispatch cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +129,7 @@ class FinetuneConfig:
   """Everything one fine-tune (or distillation) run needs; `describe(FinetuneConfig)` lists the keys."""
 
   name: str = "finetune"
-  preset: str | None = None  # quick: the README's main job (first 40,000 training examples)
+  preset: str | None = None  # quick: the README's main job (40,000 examples); accelerator: batches in tokens
   output: str | None = None  # None: the run folder
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   batching: BatchingSection = dataclasses.field(default_factory=BatchingSection)
@@ -156,12 +160,15 @@ FLAGS: dict[str, str] = {
   "batching.strategy": "--strategy",
   "batching.batch_size": "--batch-size",
   "batching.examples_per_step": "--examples-per-step",
+  "batching.tokens_per_step": "--tokens-per-step",
   "batching.row_length": "--row-length",
   "batching.num_buckets": "--num-buckets",
   "batching.token_budget": "--token-budget",
   "model.remat_policy": "--remat",
   "model.attention": "--attention",
   "model.window": "--window",
+  "model.fuse_qkv": "--fuse-qkv",
+  "model.attention_dropout": "--attention-dropout",
   "model.block_size": "--block-size",
   "precision.policy": "--precision",
   "precision.loss_scale": "--loss-scale",
@@ -181,6 +188,7 @@ FLAGS: dict[str, str] = {
   "loop.export": "--no-export",
   "loop.progress": "--no-progress",
   "loop.log_every": "--log-every",
+  "loop.steps_per_call": "--steps-per-call",
   "pruning.heads": "--prune-heads",
   "pruning.neurons": "--prune-neurons",
   "pruning.importance": "--prune-importance",

@@ -25,6 +25,7 @@ from jfast.cpu.platform import active as cpu_active
 from jfast.cpu.platform import current_platform
 from jfast.nn.attention_config import ATTENTION_BACKENDS, AttentionConfig, check_positive
 from jfast.nn.dropout import dropout
+from jfast.nn.fused_attention import flash_attention, has_fused_kernel
 from jfast.nn.sparse_attention import check_qkv, segment_starts, sparse_attention
 
 
@@ -337,6 +338,9 @@ class Attention(nn.Module):
       mask = explicit_mask(segment_ids_BxL, cfg, causal=self.causal, query_positions_BxS=query_positions_BxS)
       return masked_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask, **dropout)
     if cfg.kind == "dense":
+      if rate == 0.0 and cfg.backend == "auto" and has_fused_kernel():
+        # A flash kernel on GPU/TPU (`jfast.nn.fused_attention`); it cannot drop attention probabilities.
+        return flash_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, causal=self.causal)
       return dense_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, causal=self.causal, **dropout)
     sparse = dict(mask=segment_ids_BxL, causal=self.causal, global_tokens=cfg.global_tokens, **dropout)
     if cfg.kind == "sliding_window":

@@ -33,10 +33,11 @@ class AttentionConfig:
     chunk_size: query chunk of the sliding-window kernel (default ``min(window, 128)``): smaller chunks waste
       fewer scores at the window's edge (a chunk scores ``C * (C * (2 * ceil(w / C) + 1))`` pairs for ``C * (2w+1)``
       useful ones), larger ones run fewer, bigger matmuls.
-    backend: ``auto`` runs cuDNN's fused sliding-window kernel (``jax.nn.dot_product_attention(...,
-      implementation="cudnn", local_window_size=...)``) where it applies (GPU, causal sliding window, bf16/fp16,
-      no dropout, no global tokens) and the chunked pure-JAX kernel elsewhere; ``xla`` forces the chunked kernel;
-      ``cudnn`` forces cuDNN and raises where it does not apply.
+    backend: ``auto`` runs a fused kernel where the platform has one and attention dropout is off: for ``dense``,
+      the segment-aware flash kernels of `jfast.nn.fused_attention` on GPU and TPU; for ``sliding_window``, cuDNN's
+      fused kernel (``jax.nn.dot_product_attention(..., implementation="cudnn", local_window_size=...)``) where it
+      applies (GPU, causal, bf16/fp16, no global tokens); elsewhere XLA's dense form or the chunked pure-JAX kernel.
+      ``xla`` forces those; ``cudnn`` forces cuDNN's sliding window and raises where it does not apply.
 
   Example:
     >>> AttentionConfig.sliding_window(256, global_tokens=1)

@@ -3,6 +3,7 @@ the generic loop and checkpoints. Data flows one way through it: batch -> loss -
 
 from jfast.training.accumulation import NORMALIZERS, accumulate_gradients, multi_steps, split_micro_batches
 from jfast.training.checkpoint import Checkpointer
+from jfast.training.compile_cache import disable_compilation_cache, enable_compilation_cache
 from jfast.training.loop import FitResult, LoopConfig, evaluate, fit, run, run_together, training_loop
 from jfast.training.losses import (
   attention_map_loss,
@@ -15,8 +16,10 @@ from jfast.training.losses import (
   loss_sums,
   soft_target_loss,
 )
+from jfast.training.metrics import classification_report, confusion_matrix
+from jfast.training.predict import make_predict_step, predict_probabilities
 from jfast.training.state import RNG_IMPL, TrainState, create_train_state
-from jfast.training.step import CompiledStep, LossFn, make_eval_step, make_train_step
+from jfast.training.step import CompiledStep, LossFn, make_eval_step, make_train_step, stack_batches
 
 __all__ = [
   "NORMALIZERS",
@@ -32,19 +35,26 @@ __all__ = [
   "attention_probs",
   "causal_lm_loss",
   "classification_loss",
+  "classification_report",
   "classifier_logits",
+  "confusion_matrix",
   "create_train_state",
   "cross_entropy",
+  "disable_compilation_cache",
+  "enable_compilation_cache",
   "evaluate",
   "fit",
   "hidden_state_loss",
   "loss_sums",
   "make_eval_step",
+  "make_predict_step",
   "make_train_step",
   "multi_steps",
+  "predict_probabilities",
   "run",
   "run_together",
   "soft_target_loss",
   "split_micro_batches",
+  "stack_batches",
   "training_loop",
 ]

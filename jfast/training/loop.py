@@ -38,7 +38,7 @@ from jfast.precision.policy import Policy, get_policy
 from jfast.training.checkpoint import Checkpointer
 from jfast.training.losses import classification_loss
 from jfast.training.state import TrainState, create_train_state
-from jfast.training.step import make_eval_step, make_train_step
+from jfast.training.step import make_eval_step, make_train_step, stack_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,36 @@ def _token_counts(batch) -> tuple[int, int, int]:
   return (int(np.count_nonzero(segment_ids)) if real is None else int(real)), int(np.size(segment_ids)), examples
 
 
+def _crossed(before: int, after: int, every: int) -> bool:
+  """Whether a multiple of ``every`` lies in ``(before, after]``: a cadence kept when calls advance several steps."""
+  return after // every > before // every
+
+
+def _calls(batches: Sequence, start: int, remaining: int, k: int) -> list[tuple[int, int]]:
+  """``[first, last)`` batch ranges of the calls of one epoch: ``k`` batches of one shape per call where they exist
+  (a ``steps_per_call`` step), single batches elsewhere; at most ``remaining`` batches in all."""
+  end = min(len(batches), start + max(remaining, 0))
+  calls, i = [], start
+  while i < end:
+    j = i + k
+    if k > 1 and j <= end and len({_shape(b) for b in batches[i:j]}) == 1:
+      calls.append((i, j))
+    else:
+      calls.append((i, i + 1))
+      j = i + 1
+    i = j
+  return calls
+
+
+def _shape(batch) -> tuple:
+  return tuple(np.shape(leaf) for leaf in jax.tree.leaves(batch))
+
+
+def _inputs(batches: Sequence, call: tuple[int, int]):
+  first, last = call
+  return batches[first] if last - first == 1 else stack_batches(batches[first:last])
+
+
 def _log_line(row: dict, total_steps: int, elapsed: float, desc: str) -> str:
   parts = [f"[{desc}] step {row['step']:,}/{total_steps:,}", f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
   if "accuracy" in row:
@@ -207,7 +237,7 @@ def training_loop(
       start_epoch, start_batch = position["epoch"], position["batch"]
 
   history, evals = [], []
-  step = int(state.step)
+  step = int(jax.device_get(state.step))
   stats: dict[str, Any] = {
     "steps_per_epoch": steps_per_epoch,
     "total_steps": total_steps,
@@ -218,12 +248,17 @@ def training_loop(
     "train_examples": 0,
     "steps_run": 0,
     "step_times": [],
+    "eval_seconds": 0.0,
+    "compile_steps": 0,
+    "compile_step_tokens": 0,
   }
 
   def run_eval():
     if eval_step is None or not dev_batches:
       return
+    t_eval = time.perf_counter()
     evals.append({"step": step, **evaluate(eval_step, state.params, map(place, dev_batches))})
+    stats["eval_seconds"] += time.perf_counter() - t_eval
     if on_log is not None:
       on_log({"step": step, **{f"eval_{k}": v for k, v in evals[-1].items() if k != "step"}})
 
@@ -233,6 +268,9 @@ def training_loop(
   bar = tqdm(total=total_steps, initial=step, disable=not use_bar, desc=desc, unit="step")
   log_lines, t_start = talk and not use_bar, time.perf_counter()
   compiles = getattr(train_step, "num_compiles", None)
+  steps_per_call = getattr(train_step, "steps_per_call", 1)
+  single_step = getattr(train_step, "single", None) or train_step
+  earlier_compiles = list(getattr(train_step, "compile_log", None) or [])
   pending: list[dict] = []
   epoch = start_epoch
   try:
@@ -243,22 +281,36 @@ def training_loop(
       stats["padding_efficiency"] = sum(real) / max(sum(computed), 1)
       t0 = time.perf_counter()
       window_tokens, window_start = 0, t0
-      for i in range(skip, len(epoch_batches)):
-        batch = epoch_batches[i]
+      # One batch ahead on the device: the next batch's host-to-device copy runs while this step computes.
+      calls = _calls(epoch_batches, skip, total_steps - step, steps_per_call)
+      # One call ahead on the device: the next call's host-to-device copy runs while this one computes.
+      placed = place(_inputs(epoch_batches, calls[0])) if calls else None
+      for n, (first_i, last_i) in enumerate(calls):
+        k = last_i - first_i
+        call = train_step if k == steps_per_call else single_step
         t_step = time.perf_counter()
-        state, metrics = train_step(state, *inputs, place(batch))
+        before = None if compiles is None else train_step.num_compiles
+        state, metrics = call(state, *inputs, placed)
+        if n + 1 < len(calls):
+          placed = place(_inputs(epoch_batches, calls[n + 1]))
+        span = range(first_i, last_i)
+        if compiles is not None and train_step.num_compiles != before:
+          stats["compile_steps"] += k
+          stats["compile_step_tokens"] += sum(real[j] for j in span)
         if loop.time_steps:
           jax.block_until_ready(metrics)
-          stats["step_times"].append((tuple(np.shape(getattr(batch, "input_ids", ()))), time.perf_counter() - t_step))
+          shape = tuple(np.shape(getattr(epoch_batches[first_i], "input_ids", ())))
+          stats["step_times"].append((shape, (time.perf_counter() - t_step) / k))
         pending.append(metrics)
-        step += 1
-        stats["train_tokens"] += real[i]
-        stats["computed_tokens"] += computed[i]
-        stats["train_examples"] += examples[i]
-        stats["steps_run"] += 1
-        window_tokens += real[i]
-        bar.update(1)
-        if step % loop.log_every == 0 or step == total_steps:
+        prev, step = step, step + k
+        tokens = sum(real[j] for j in span)
+        stats["train_tokens"] += tokens
+        stats["computed_tokens"] += sum(computed[j] for j in span)
+        stats["train_examples"] += sum(examples[j] for j in span)
+        stats["steps_run"] += k
+        window_tokens += tokens
+        bar.update(k)
+        if _crossed(prev, step, loop.log_every) or step == total_steps:
           row = _summarise(pending, step, epoch)
           now = time.perf_counter()
           row["tokens_per_second"] = window_tokens / max(now - window_start, 1e-9)
@@ -272,12 +324,12 @@ def training_loop(
           if on_log is not None:
             on_log(row)
           pending = []
-        if loop.eval_every and step % loop.eval_every == 0 and step != total_steps:
+        if loop.eval_every and _crossed(prev, step, loop.eval_every) and step != total_steps:
           run_eval()
-        if ckpt is not None and (step % loop.checkpoint_every == 0 or step == total_steps):
-          done = i + 1 == len(epoch_batches)
-          ckpt.save(step, state, {"epoch": epoch + 1, "batch": 0} if done else {"epoch": epoch, "batch": i + 1})
-        yield {"step": step, "epoch": epoch, "batch": i, "state": state, "metrics": metrics}
+        if ckpt is not None and (_crossed(prev, step, loop.checkpoint_every) or step == total_steps):
+          done = last_i == len(epoch_batches)
+          ckpt.save(step, state, {"epoch": epoch + 1, "batch": 0} if done else {"epoch": epoch, "batch": last_i})
+        yield {"step": step, "epoch": epoch, "batch": last_i - 1, "state": state, "metrics": metrics}
         if step >= total_steps:
           break
       jax.block_until_ready(state)
@@ -287,14 +339,32 @@ def training_loop(
     bar.close()
     if ckpt is not None:
       ckpt.close()
+  log = getattr(train_step, "compile_log", None) or []
+  _throughput(stats, [c for c in log if not any(c is e for e in earlier_compiles)])
   run_eval()
   stats.update(final_step=step, skipped_steps=sum(h["skipped"] for h in history))
-  stats["final_loss_scale"] = float(state.loss_scale.loss_scale)
+  stats["final_loss_scale"] = float(jax.device_get(state.loss_scale.loss_scale))
+  if getattr(eval_step, "compile_log", None):
+    stats["eval_compile_seconds"] = eval_step.compile_seconds
   if compiles is not None:
     stats["train_compiles"] = train_step.num_compiles
   if eval_step is not None and hasattr(eval_step, "num_compiles"):
     stats["eval_compiles"] = eval_step.num_compiles
   return FitResult(state=state, history=history, evals=evals, stats=stats)
+
+
+def _throughput(stats: dict[str, Any], compiled: list[dict]) -> None:
+  """Real tokens/s two ways: end to end (all training time, compiles included) and steady (the steps that did not
+  compile, over the training time less compiles and evaluations); compile time and cache hits apart."""
+  seconds = sum(stats["epoch_seconds"])
+  compile_s = float(sum(c["seconds"] for c in compiled))
+  stats["compile_seconds"] = compile_s
+  stats["cached_compiles"] = sum(1 for c in compiled if c["cached"])
+  stats["train_seconds"] = seconds
+  stats["end_to_end_tokens_per_second"] = stats["train_tokens"] / max(seconds, 1e-9)
+  steady_s = seconds - compile_s - stats["eval_seconds"]
+  steady_tokens = stats["train_tokens"] - stats["compile_step_tokens"]
+  stats["steady_tokens_per_second"] = steady_tokens / steady_s if steady_s > 0 and steady_tokens > 0 else None
 
 
 def run(loop: Generator[dict, None, FitResult]) -> FitResult:
@@ -329,23 +399,28 @@ _NOT_SUMS = {"loss", "accuracy", "grad_norm", "loss_scale", "skipped", "loss_sum
 
 
 def _summarise(pending: list[dict], step: int, epoch: int) -> dict[str, float]:
-  """One history row from the metrics of the steps since the last log: sums added up, then divided by examples."""
+  """One history row from the metrics of the calls since the last log (each a step's scalars, or ``[K]`` stacked by
+  a ``steps_per_call`` step): sums added up, then divided by examples; fetched from the device in one transfer."""
   fetched = jax.device_get(pending)
-  examples = sum(float(m["examples"]) for m in fetched)
+
+  def values(key):
+    return np.concatenate([np.ravel(np.asarray(m[key], np.float64)) for m in fetched])
+
+  examples = float(values("examples").sum())
   per_example = max(examples, 1.0)
   row = {
     "step": step,
     "epoch": epoch,
-    "loss": sum(float(m["loss_sum"]) for m in fetched) / per_example,
-    "accuracy": sum(float(m["correct"]) for m in fetched) / per_example,
+    "loss": float(values("loss_sum").sum()) / per_example,
+    "accuracy": float(values("correct").sum()) / per_example,
     "examples": examples,
-    "grad_norm": float(np.mean([float(m["grad_norm"]) for m in fetched])),
-    "skipped": int(sum(float(m["skipped"]) for m in fetched)),
-    "loss_scale": float(fetched[-1]["loss_scale"]),
+    "grad_norm": float(values("grad_norm").mean()),
+    "skipped": int(values("skipped").sum()),
+    "loss_scale": float(values("loss_scale")[-1]),
   }
   for key in fetched[-1]:
     if key not in _NOT_SUMS:
-      row[key.removesuffix("_sum")] = sum(float(m[key]) for m in fetched) / per_example
+      row[key.removesuffix("_sum")] = float(values(key).sum()) / per_example
   return row
 
 
@@ -387,6 +462,7 @@ def fit(
   mesh: Mesh | None = None,
   rules: ShardingRules | None = None,
   row_sparse: bool = False,
+  steps_per_call: int = 1,
 ) -> FitResult:
   """Trains ``model`` on ``train`` with any loss, evaluates on ``dev``; resumes from ``loop.checkpoint_dir``.
 
@@ -421,6 +497,9 @@ def fit(
       ``train`` and ``dev`` are this host's shard, ``batching.batch_size`` its rows of each global batch, and every
       host runs the same number of steps (`jfast.parallel.distributed.equalize_batches`). None: one device.
     rules: `jfast.parallel.ShardingRules` (default: the library's table).
+    steps_per_call: run this many steps per jitted call (`make_train_step`'s ``lax.scan``; consecutive batches of
+      one shape), against per-step dispatch overhead on small models and TPUs. Logging, evaluation and checkpoint
+      cadences are kept at the first call boundary at or after each multiple.
     row_sparse: train the word table from the batch's rows (`jfast.cpu.row_sparse`, an opt-in CPU technique);
       ``tx_factory`` must build its optimizer with ``OptimizerConfig(row_sparse_embeddings="exact")`` (or ``"lazy"``).
 
@@ -457,9 +536,11 @@ def fit(
     normalize_by=normalize_by,
     freeze_mask=freeze_mask,
     row_sparse=row_sparse_embedding(model, loss) if row_sparse else None,
+    steps_per_call=steps_per_call,
   )
   eval_step = make_eval_step((eval_loss or loss)(model), mesh=mesh, rules=rules) if dev_batches else None
-  place = None if mesh is None else (lambda b: shard_batch(b, mesh))
+  # Batches go to the device one step ahead (`training_loop`): sharded over the mesh, or onto the default device.
+  place = jax.device_put if mesh is None else (lambda b: shard_batch(b, mesh))
   loop_steps = training_loop(
     state,
     train_step,

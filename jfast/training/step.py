@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -28,17 +30,26 @@ from jfast.parallel.sharding import ShardingRules
 from jfast.precision.loss_scale import NoOpLossScale, all_finite
 from jfast.precision.policy import Policy, get_policy
 from jfast.training.accumulation import NORMALIZERS, accumulate_gradients
+from jfast.training.compile_cache import cache_events
 from jfast.training.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class CompiledStep:
-  """A jitted step that counts its compilations (one per distinct input shape), for recompilation budgets.
+  """A jitted step that counts its compilations (one per distinct input shape), for recompilation budgets, and
+  times them.
+
+  ``compile_log`` holds one ``{"seconds", "cached"}`` per compilation: the wall time of the call that traced,
+  compiled (or loaded from the persistent cache: ``cached``) and dispatched it. Execution is asynchronous, so that
+  time is the compile's, not the step's.
 
   ``platform`` (``cuda``, ``rocm``, ``tpu``, ``cpu``; None: the default backend) is the platform the step is traced
   for (`jfast.cpu.target`); `lower` then lowers for it too, so a step for an accelerator can be inspected on a CPU.
   """
+
+  steps_per_call = 1  # > 1: a `make_train_step(steps_per_call=K)` step, with `single` for one batch
+  single: CompiledStep | None = None
 
   def __init__(
     self,
@@ -51,6 +62,8 @@ class CompiledStep:
   ):
     self._traces = 0
     self.platform = platform
+    self._compile_log: list[dict[str, Any]] = []
+    self._events = cache_events()
 
     @functools.wraps(fn)
     def counted(*args, **kwargs):
@@ -66,11 +79,25 @@ class CompiledStep:
       self._jitted = mesh_jit.MeshJit(counted, mesh, rules, **jit_kwargs)
 
   def __call__(self, *args):
-    return self._jitted(*args)
+    traces, hits, t0 = self._traces, self._events.hits, time.perf_counter()
+    out = self._jitted(*args)
+    if self._traces != traces:
+      self._compile_log.append({"seconds": time.perf_counter() - t0, "cached": self._events.hits > hits})
+    return out
+
+  @property
+  def compile_seconds(self) -> float:
+    """Seconds spent compiling (or loading compiled programs) so far."""
+    return float(sum(c["seconds"] for c in self.compile_log))
 
   @property
   def num_compiles(self) -> int:
-    return self._traces
+    """Compilations so far (a ``steps_per_call`` step's one-step fallback included)."""
+    return self._traces + (self.single.num_compiles if self.single is not None else 0)
+
+  @property
+  def compile_log(self) -> list[dict[str, Any]]:
+    return self._compile_log + (self.single.compile_log if self.single is not None else [])
 
   def lower(self, *args):
     """The lowered step for these arguments, for the step's platform (`jax.stages.Lowered`)."""
@@ -188,6 +215,19 @@ def _train_step(
   return new_state, metrics
 
 
+def _scanned_steps(state: TrainState, *args, step_fn: Callable):
+  """``K`` train steps in one program: ``lax.scan`` of ``step_fn`` over batches stacked on a leading axis."""
+  *inputs, batches = args
+  return jax.lax.scan(lambda st, batch: step_fn(st, *inputs, batch), state, batches)
+
+
+def stack_batches(batches):
+  """Batches of one shape stacked on a new leading axis: the input of a ``steps_per_call`` step."""
+  return jax.tree.map(
+    lambda *leaves: jnp.stack(leaves) if isinstance(leaves[0], jax.Array) else np.stack(leaves), *batches
+  )
+
+
 def _eval_step(params, *args, loss_fn: LossFn):
   *inputs, batch = args
   _, aux = loss_fn(params, batch, None, True, *inputs)
@@ -209,6 +249,7 @@ def make_train_step(
   compiler_options: dict[str, Any] | None = None,
   row_sparse=None,
   platform: str | None = None,
+  steps_per_call: int = 1,
 ) -> CompiledStep:
   """Builds the jitted train step ``(state, *inputs, batch) -> (state, metrics)``.
 
@@ -246,6 +287,11 @@ def make_train_step(
       table.
     platform: the platform the step is traced and lowered for (``cuda``, ``rocm``, ``tpu``, ``cpu``; None: the
       default backend); see `jfast.cpu.target`.
+    steps_per_call: run this many steps in one jitted call (a ``lax.scan`` over ``K`` batches of one shape stacked
+      on a leading axis, `stack_batches`; metrics come back stacked ``[K]``): one dispatch per K steps, which small
+      models and TPUs need against per-step dispatch overhead. The returned step's ``single`` attribute runs one
+      step (for leftover batches of other shapes); `jfast.training.training_loop` groups batches itself. Not with
+      ``mesh`` yet.
 
   Returns:
     A `CompiledStep`; ``step.num_compiles`` counts XLA compilations.
@@ -282,7 +328,17 @@ def make_train_step(
     normalize_by=normalize_by,
     row_sparse=row_sparse,
   )
-  return CompiledStep(step, mesh=mesh, rules=rules, platform=platform, **jit_kwargs)
+  if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call!r}")
+  single = CompiledStep(step, mesh=mesh, rules=rules, platform=platform, **jit_kwargs)
+  if steps_per_call == 1:
+    return single
+  if mesh is not None:
+    raise ValueError("steps_per_call > 1 with a mesh is not supported yet: use steps_per_call=1 on a mesh")
+  scanned = functools.partial(_scanned_steps, step_fn=step)
+  multi = CompiledStep(scanned, mesh=mesh, rules=rules, platform=platform, **jit_kwargs)
+  multi.steps_per_call, multi.single = steps_per_call, single
+  return multi
 
 
 def make_eval_step(
