@@ -331,3 +331,16 @@ def test_mfu_preset_builds_bert_base_512_bf16_and_divides_by_the_peak():
   assert gpu[0]["jax"]["peak_kind"] == "device"
   cpu = report.build_rows({"mfu_bf16": {"jax": result("jax", "cpu", 0.3)}}, meta, 989.4)
   assert cpu[0]["jax"]["mfu"] is None and cpu[0]["jax"]["peak_kind"] == "host RSS"
+
+
+@pytest.mark.slow
+def test_compile_depth_reports_growth_with_depth(tmp_path, monkeypatch):
+  from benchmarks import compile_depth
+
+  monkeypatch.setattr(compile_depth, "disable_compilation_cache", lambda: None)  # keep the session's cache settings
+  results = compile_depth.main(["--layers", "1,3", "--out", str(tmp_path / "depth.md")])
+  one, three = results
+  assert three["cuda_hlo_chars"] > 2 * one["cuda_hlo_chars"] * 0.8  # layers written out: the program grows with them
+  assert three["compile_s"] > 0 and one["lower_s"] > 0
+  text = (tmp_path / "depth.md").read_text()
+  assert "| 1 |" in text and "| 3 |" in text and (tmp_path / "depth.json").is_file()
