@@ -435,6 +435,19 @@ def load_data(args, labels: tuple[str, ...] | None):
   return train_ds, eval_ds
 
 
+def _packed_rows(batching: BatchingConfig, train_ids, args) -> BatchingConfig:
+  """Packed rows a step for ``--tokens-per-step`` or ``--examples-per-step``, a multiple of ``--micro-batches``."""
+  lengths = [len(ids) for ids in train_ids]
+  row_length = batching.row_length or max(lengths)
+  if args.tokens_per_step:
+    rows, asked = max(1, args.tokens_per_step // row_length), f"{args.tokens_per_step} tokens"
+  else:
+    rows, asked = rows_for_examples(lengths, row_length, args.examples_per_step), f"{args.examples_per_step} examples"
+  rows = max(rows, args.micro_batches) // args.micro_batches * args.micro_batches
+  print(f"packed: {rows} rows of {row_length} tokens a step for about {asked}")
+  return dataclasses.replace(batching, batch_size=rows)
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   # Before anything touches a device: a multi-host run must join its peers first (no-op on one host).
@@ -474,25 +487,8 @@ def main(argv=None) -> dict:
   dev_ids, dev_cut = tokenize(tokenizer, eval_ds.texts, max_length=config.max_position_embeddings)
 
   batching = options.batching
-  if args.tokens_per_step and batching.strategy == "packed":
-    row_length = batching.row_length or max(len(ids) for ids in train_ids)
-    rows = max(1, args.tokens_per_step // row_length)
-    batching = dataclasses.replace(
-      batching, batch_size=max(rows, args.micro_batches) // args.micro_batches * args.micro_batches
-    )
-    print(
-      f"packed: {batching.batch_size} rows of {row_length} tokens a step (--tokens-per-step {args.tokens_per_step})"
-    )
-  if args.examples_per_step and batching.strategy == "packed":
-    lengths = [len(ids) for ids in train_ids]
-    row_length = batching.row_length or max(lengths)
-    rows = rows_for_examples(lengths, row_length, args.examples_per_step)
-    batching = dataclasses.replace(
-      batching, batch_size=max(rows, args.micro_batches) // args.micro_batches * args.micro_batches
-    )
-    print(
-      f"packed: {batching.batch_size} rows of {row_length} tokens a step for about {args.examples_per_step} examples"
-    )
+  if batching.strategy == "packed" and (args.tokens_per_step or args.examples_per_step):
+    batching = _packed_rows(batching, train_ids, args)
   batching = dataclasses.replace(batching, batch_size=distributed.local_batch_size(batching.batch_size))
   eval_batching = dataclasses.replace(batching, shuffle=False)
   batching = distributed.agree_batching(batching, train_ids, train_ds.labels, pad_id)
