@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test test-fast format clean
+.PHONY: setup run test test-fast format clean gpu-prepare
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The GPU suite's luggage (benchmarks/gpu.py): MiniLM and SST-2 in the git-ignored .gpu/, which the device call carries.
+gpu-prepare: setup
+	$(PY) -m benchmarks.gpu --prepare
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -8,7 +8,8 @@ switches, custom calls and StableHLO size.
 Each trace is made for its platform (`jfast.cpu.target`), as a process on that platform makes it: a CPU with bf16
 instructions gets `jfast.cpu`'s bf16 products (more dots: the bias gradients are products there; forced on here,
 whatever this machine's CPU), a GPU or TPU stock ``nn.Dense`` and XLA's autodiff (the same products as fp32).
-`tests/test_accelerator_lowering.py` holds the equalities.
+Layers are unrolled here, so every layer's products are counted; `tests/test_accelerator_lowering.py` holds the
+equalities for both layouts.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ def lowered_text(dtype: str, platform: str, layers: int = 6, rows: int = 8, leng
   from jfast.models import BertConfig, BertForSequenceClassification
   from jfast.training import classification_loss
 
-  config = BertConfig(
-    vocab_size=30522, hidden_size=384, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=1536
-  )
+  # Layers unrolled, so that every layer's products are counted (scanned, layers 0..N-2 are one loop body).
+  config = BertConfig(**common.MINILM_WIDTH, num_hidden_layers=layers, scan_layers=False)
   model = BertForSequenceClassification(config.replace(dtype=dtype), num_labels=2)
   rng = np.random.default_rng(0)
   seqs = [rng.integers(1, 30522, size=int(n)) for n in rng.integers(8, length, size=rows)]

@@ -102,6 +102,10 @@ def summarize_steps(
   }
 
 
+# all-MiniLM-L6-v2's width (its depth varies by benchmark): BertConfig fields.
+MINILM_WIDTH = {"vocab_size": 30522, "hidden_size": 384, "num_attention_heads": 12, "intermediate_size": 1536}
+
+
 def layer_params(hidden: int, intermediate: int) -> int:
   """Parameters of one encoder layer that cost FLOPs per row: q/k/v/output projections, FFN, two LayerNorms."""
   return 4 * (hidden * hidden + hidden) + 2 * hidden * intermediate + intermediate + hidden + 4 * hidden

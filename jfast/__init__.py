@@ -22,6 +22,8 @@ _EXPORTS = {
   "QuantDense": "jfast.nn.quant_dense",
   "REMAT_POLICIES": "jfast.nn.remat",
   "remat_policy": "jfast.nn.remat",
+  "unstack_layers": "jfast.nn.scan",
+  "match_layout": "jfast.nn.scan",
   # models
   "BertConfig": "jfast.models.bert",
   "BertForSequenceClassification": "jfast.models.bert",

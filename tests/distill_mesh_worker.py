@@ -40,7 +40,7 @@ for _ in range(3):
 diff = max(
   float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True)
 )
-kernel = s2.params["bert"]["encoder_layer_0"]["intermediate"]["kernel"]
+kernel = s2.params["bert"]["encoder_layer_1"]["intermediate"]["kernel"]
 print(
   json.dumps(
     {

@@ -136,7 +136,8 @@ def main() -> dict:
       "opt_state_diff": max_diff(jax.device_get(state.opt_state), ref_opt),
       "params": shard_fractions(state.params),
       "opt_state": shard_fractions(state.opt_state),
-      "query_spec": str(state.params["bert"]["encoder_layer_0"]["query"]["kernel"].sharding.spec),
+      "query_spec": str(state.params["bert"]["encoder_layer_1"]["query"]["kernel"].sharding.spec),
+      "stacked_spec": str(state.params["bert"]["encoder_layers"]["query"]["kernel"].sharding.spec),
       "compiles": step.num_compiles,
     }
     if name == "data4_tensor2":
@@ -148,7 +149,7 @@ def main() -> dict:
   )
   ref8, _, ref8_losses = run(None, STEPS, tx=tx8, micro_batches=2)
   got8, step8, losses8 = run(make_mesh(data=1, fsdp=4, tensor=2), STEPS, tx=tx8, micro_batches=2)
-  moment = got8.opt_state[1][0].mu["bert"]["encoder_layer_0"]["intermediate"]["kernel"]
+  moment = got8.opt_state[1][0].mu["bert"]["encoder_layer_1"]["intermediate"]["kernel"]
   out["fsdp4_tensor2_8bit_accum"] = {
     "loss_diff": max(abs(a - b) for a, b in zip(losses8, ref8_losses, strict=True)),
     "param_diff": max_diff(jax.device_get(got8.params), jax.device_get(ref8.params)),
@@ -187,7 +188,7 @@ def main() -> dict:
     for name, mesh in (("fsdp8", make_mesh(data=1, fsdp=8)), ("single", None)):
       target = abstract_tree(saved, mesh)
       restored, position = Checkpointer(d).restore_latest(target)
-      leaf = restored.params["bert"]["encoder_layer_0"]["intermediate"]["kernel"]
+      leaf = restored.params["bert"]["encoder_layer_1"]["intermediate"]["kernel"]
       restores[name] = {
         "exact": max_diff(jax.device_get(restored), saved_host) == 0.0,
         "position": position,

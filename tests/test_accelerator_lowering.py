@@ -33,8 +33,8 @@ def _batch(rows=4, length=24):
   return batch_from_rows(seqs, rng.integers(0, 2, size=rows), length, pad_id=0)
 
 
-def _grad_text(dtype: str, platform: str) -> str:
-  model = BertForSequenceClassification(MINILM.replace(dtype=dtype), num_labels=2)
+def _grad_text(dtype: str, platform: str, scan: bool = True) -> str:
+  model = BertForSequenceClassification(MINILM.replace(dtype=dtype, scan_layers=scan), num_labels=2)
   batch = _batch()
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   loss = classification_loss(model)
@@ -47,10 +47,14 @@ def _count(text: str, op: str) -> int:
   return len(re.findall(rf"\bstablehlo\.{op}\b", text))
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_bf16_gradient_lowers_to_the_fp32_products_for_accelerators(platform):
-  fp32, bf16 = _grad_text("float32", platform), _grad_text("bfloat16", platform)
-  assert _count(fp32, "dot_general") > 100  # every layer's forward and backward products are there
+def test_bf16_gradient_lowers_to_the_fp32_products_for_accelerators(platform, scan):
+  fp32, bf16 = _grad_text("float32", platform, scan), _grad_text("bfloat16", platform, scan)
+  if scan:  # layers 0-4 are one loop body, forward and backward; the last layer runs apart
+    assert _count(fp32, "while") == 2 and 40 < _count(fp32, "dot_general") < 100
+  else:  # every layer's forward and backward products are there
+    assert _count(fp32, "while") == 0 and _count(fp32, "dot_general") > 100
   assert _count(bf16, "dot_general") == _count(fp32, "dot_general")
   assert _count(bf16, "case") == 0 and _count(fp32, "case") == 0
   assert "custom_call" not in bf16  # no host callback, no CPU-only kernel

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,9 +341,43 @@ def test_compile_depth_reports_growth_with_depth(tmp_path, monkeypatch):
   from benchmarks import compile_depth
 
   monkeypatch.setattr(compile_depth, "disable_compilation_cache", lambda: None)  # keep the session's cache settings
-  results = compile_depth.main(["--layers", "1,3", "--out", str(tmp_path / "depth.md")])
-  one, three = results
-  assert three["cuda_hlo_chars"] > 2 * one["cuda_hlo_chars"] * 0.8  # layers written out: the program grows with them
-  assert three["compile_s"] > 0 and one["lower_s"] > 0
+  results = compile_depth.main(["--layers", "2,5", "--repeats", "2", "--out", str(tmp_path / "depth.md")])
+  got = {(r["layout"], r["layers"]): r for r in results}
+  # Unrolled, the program grows with the layers; scanned, one layer's program sits in a loop whatever the depth.
+  assert got["unrolled", 5]["cuda_hlo_chars"] > 1.8 * got["unrolled", 2]["cuda_hlo_chars"]
+  assert got["scanned", 5]["cuda_hlo_chars"] < 1.1 * got["scanned", 2]["cuda_hlo_chars"]
+  assert all(r["compile_s"] > 0 and r["lower_s"] > 0 for r in results)
   text = (tmp_path / "depth.md").read_text()
-  assert "| 1 |" in text and "| 3 |" in text and (tmp_path / "depth.json").is_file()
+  assert "| 2 | unrolled |" in text and "| 5 | scanned |" in text and "scanned / unrolled" in text
+  assert (tmp_path / "depth.json").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_runs_every_section(tmp_path, data_dir, minilm_path):
+  """`python -m benchmarks.gpu --smoke`: the GPU suite's code paths, both sides, at tiny sizes on this CPU."""
+  out = tmp_path / "gpu"
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.gpu", "--smoke", "--out", str(out), "--data-dir", str(data_dir)],
+    cwd=Path(__file__).resolve().parent.parent,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = json.loads((out / "gpu.json").read_text())
+  results = summary["results"]
+  assert set(results) == {"minilm", "bert_base", "gpt2", "sliding"}
+  assert not [name for name, r in results.items() if "error" in r], {k: r.get("error") for k, r in results.items()}
+  jfast_runs = results["minilm"]["jfast"]
+  # The second run loads the first one's program from the persistent cache, the first compiles it.
+  assert (
+    jfast_runs["recipe_cold"]["compiles_from_cache"] == 0 and jfast_runs["recipe_warm"]["compiles_from_cache"] >= 1
+  )
+  assert jfast_runs["preset"]["real_tokens_per_step"] <= 1024 < jfast_runs["preset"]["real_tokens_per_step"] * 2
+  for run in (*jfast_runs.values(), *results["minilm"]["torch"].values()):
+    assert 0.0 <= run["dev_accuracy"] <= 1.0 and run["end_to_end_tokens_per_s"] > 0
+  assert {k.split("/")[1] for k in results["bert_base"]["runs"]} == {"jax", "torch"}
+  assert all(r["tokens_per_s"] > 0 for r in results["gpt2"].values())
+  assert set(results["sliding"]["rows"]) == {"dense @ 512", "window 32 @ 512"}
+  text = (out / "gpu.md").read_text()
+  assert "## GPT-2 small" in text and "PyTorch grouped_bf16" in text and (out / "gpu.png").stat().st_size > 0

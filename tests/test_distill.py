@@ -24,6 +24,7 @@ from jfast.compress import (
 )
 from jfast.data import BatchingConfig, make_batches
 from jfast.models import BertConfig, BertForSequenceClassification
+from jfast.nn import unstack_layers
 from jfast.training import (
   attention_map_loss,
   attention_probs,
@@ -156,6 +157,14 @@ def test_student_from_teacher_copies_exactly_the_chosen_layers(teacher):
   _, t_params = teacher
   for layers, expect in (("every_other", (0, 2)), ((3, 1, 0), (3, 1, 0))):
     config, params = student_from_teacher(TINY, t_params, layers)
+    # Scanned student: layers 0..n-2 stacked, the last apart (`BertConfig.scanned`).
+    assert sorted(params["bert"]) == [
+      "embeddings",
+      "encoder_layer_" + str(len(expect) - 1),
+      "encoder_layers",
+      "pooler",
+    ]
+    params, t_params = unstack_layers(params), unstack_layers(t_params)
     assert config.num_hidden_layers == len(expect)
     assert dataclasses.replace(config, num_hidden_layers=TINY.num_hidden_layers) == TINY
     assert sorted(params["bert"]) == sorted(
@@ -327,9 +336,9 @@ def _np_internals(model, params, batch):
 
   Read with Flax's ``capture_intermediates`` on every module (not the library's filter), every row of the last layer.
   """
-  full = model.clone(last_layer_pooled_only=False)
+  full = model.clone(last_layer_pooled_only=False, config=model.config.replace(scan_layers=False))
   logits, state = full.apply(
-    {"params": params},
+    {"params": unstack_layers(params)},
     batch.input_ids,
     segment_ids=batch.segment_ids,
     position_ids=batch.position_ids,
@@ -345,7 +354,7 @@ def _np_internals(model, params, batch):
 
 
 def _np_projection(params, layer, name, x):
-  p = params["bert"][f"encoder_layer_{layer}"][name]
+  p = unstack_layers(params)["bert"][f"encoder_layer_{layer}"][name]
   return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
 
 
@@ -395,7 +404,7 @@ def _np_distillation_reference(s_model, s_params, t_model, t_params, batch, conf
 def _scale_encoder_kernels(params, factor):
   params = jax.tree.map(np.array, params)  # a copy: the module fixture's teacher stays as it is
   for name, layer in params["bert"].items():
-    if name.startswith("encoder_layer_"):
+    if name.startswith("encoder_layer"):  # encoder_layer_i, and the scanned stack encoder_layers
       for proj in ("query", "key", "value", "attention_output", "intermediate", "output"):
         layer[proj]["kernel"] = layer[proj]["kernel"] * factor
   return params

@@ -119,11 +119,12 @@ def test_the_kernel_is_chosen_by_the_platform_traced_for():
   assert "__gpu$xla.gpu.triton" in _attention_text("cuda", rate=0.1, deterministic=True)  # evaluation
 
 
-def test_cuda_train_step_on_packed_rows_runs_the_kernel_forward_and_backward():
+def _cuda_step_text(layers: int, scan: bool) -> str:
   config = BertConfig(
     vocab_size=1000,
     hidden_size=128,
-    num_hidden_layers=2,
+    num_hidden_layers=layers,
+    scan_layers=scan,
     num_attention_heads=4,
     intermediate_size=256,
     attention_probs_dropout_prob=0.0,  # the accelerator default: the fused kernel has no attention dropout
@@ -138,11 +139,26 @@ def test_cuda_train_step_on_packed_rows_runs_the_kernel_forward_and_backward():
   seg[:, 15:30] *= 2  # two examples in each row
   packed = packed._replace(segment_ids=seg)
   step = make_train_step(classification_loss(model), policy="bf16", platform="cuda", donate=False)
-  text = step.lower(state, packed).as_text()
-  calls = re.findall(r"custom_call @([\w$.]+)", text) + re.findall(r'call_target_name = "([^"]+)"', text)
-  triton = [c for c in calls if "triton" in c]
-  # The forward kernel sits once in the jitted kernel function every layer calls; each layer's backward inlines its
-  # preprocessing and gradient kernels.
-  assert len(triton) == 1 + 2 * config.num_hidden_layers
-  assert not [c for c in calls if "callback" in c.lower()]  # no host callback
-  assert len(re.findall(r"\bstablehlo\.case\b", text)) == 0
+  return step.lower(state, packed).as_text()
+
+
+def _calls(text: str) -> list[str]:
+  return re.findall(r"custom_call @([\w$.]+)", text) + re.findall(r'call_target_name = "([^"]+)"', text)
+
+
+def test_cuda_train_step_on_packed_rows_runs_the_kernel_forward_and_backward():
+  """The bf16 train step on packed rows, lowered for a GPU: the fused kernel forward and backward, no host
+  callbacks, no branches, and the layers inside one loop (the program does not grow with depth)."""
+  texts = {layers: _cuda_step_text(layers, scan=True) for layers in (2, 4)}
+  for text in texts.values():
+    calls = _calls(text)
+    assert not [c for c in calls if "callback" in c.lower()]  # no host callback
+    assert len(re.findall(r"\bstablehlo\.case\b", text)) == 0
+    assert len(re.findall(r"\bstablehlo\.while\b", text)) == 2  # the scanned layers, forward and backward
+  triton = {layers: [c for c in _calls(text) if "triton" in c] for layers, text in texts.items()}
+  # Forward and backward (preprocessing and gradient kernels) once in the loop body and once for the last layer,
+  # which runs outside the scan: 2 * (1 + 2), whatever the depth.
+  assert len(triton[2]) == len(triton[4]) == 2 * (1 + 2)
+  # Unrolled, every layer's backward is in the program.
+  unrolled = [c for c in _calls(_cuda_step_text(4, scan=False)) if "triton" in c]
+  assert len(unrolled) == 1 + 2 * 4

@@ -238,9 +238,21 @@ def test_remat_with_frozen_embeddings_trains():
   assert losses[-1] < losses[0] - 0.5, losses
   np.testing.assert_array_equal(trained["wte"]["embedding"], params["wte"]["embedding"])
   np.testing.assert_array_equal(trained["wpe"]["embedding"], params["wpe"]["embedding"])
-  assert not np.allclose(trained["h_0"]["attn"]["c_attn"]["kernel"], params["h_0"]["attn"]["c_attn"]["kernel"])
+  assert not np.allclose(trained["h"]["attn"]["c_attn"]["kernel"][0], params["h"]["attn"]["c_attn"]["kernel"][0])
   np.testing.assert_allclose(losses, results["none"][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(results["none"][1]), strict=True):
+  # The key bias's gradient is 0 in exact arithmetic (softmax ignores a shift shared by a query's logits): Adam
+  # scales its rounding noise, which remat's recomputation rounds differently, up to learning-rate-sized steps.
+  d = TINY.n_embd
+
+  def without_key_bias(tree):
+    tree = jax.tree.map(np.asarray, tree)  # fresh dicts
+    attn = tree["h"]["attn"]["c_attn"]
+    attn["bias"] = np.delete(attn["bias"], np.s_[d : 2 * d], axis=-1)
+    return tree
+
+  for a, b in zip(
+    jax.tree.leaves(without_key_bias(trained)), jax.tree.leaves(without_key_bias(results["none"][1])), strict=True
+  ):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -307,10 +319,10 @@ def test_sharding_rules_cover_the_decoder():
   mesh = {"data": 1, "fsdp": 2, "tensor": 2}
   want = {
     "wte/embedding": P("tensor", "fsdp"),
-    "h_0/attn/c_attn/kernel": P("fsdp", "tensor"),
-    "h_0/attn/c_proj/kernel": P("tensor", "fsdp"),
-    "h_0/mlp/c_fc/kernel": P("fsdp", "tensor"),
-    "h_0/mlp/c_proj/kernel": P("tensor", "fsdp"),
+    "h/attn/c_attn/kernel": P(None, "fsdp", "tensor"),  # scanned blocks: the layer axis stays whole
+    "h/attn/c_proj/kernel": P(None, "tensor", "fsdp"),
+    "h/mlp/c_fc/kernel": P(None, "fsdp", "tensor"),
+    "h/mlp/c_proj/kernel": P(None, "tensor", "fsdp"),
   }
   for path, spec in want.items():
     assert partition_spec(path, flat[path], mesh) == spec, path
@@ -355,7 +367,8 @@ def test_every_bf16_train_step_dot_is_bf16_the_tied_head_too():
   if jax.default_backend() != "cpu":
     pytest.skip("XLA:CPU's kernel choice")
   policy = get_policy("bf16")
-  config = policy.configure(TINY.replace(vocab_size=512, n_positions=64, n_embd=128))
+  # Unrolled, so that each block's products appear in the program once each.
+  config = policy.configure(TINY.replace(vocab_size=512, n_positions=64, n_embd=128, scan_layers=False))
   model, params = init_gpt(config, jax.random.key(0))
   state = create_train_state(model, params, optax.adamw(1e-3), policy=policy)
   docs = [np.random.default_rng(k).integers(1, 512, size=n) for k, n in enumerate((70, 33, 90, 64, 41, 120, 57, 80))]

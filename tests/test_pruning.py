@@ -27,6 +27,7 @@ from jfast.compress import (
 )
 from jfast.data import batch_from_rows
 from jfast.models import BertConfig, BertForSequenceClassification, save_hf_bert
+from jfast.nn import unstack_layers
 from jfast.optim import OptimizerConfig, make_optimizer
 from jfast.training import classification_loss, create_train_state, make_train_step
 
@@ -72,6 +73,9 @@ def _logits(config, params, batch, num_labels=3):
 def test_magnitude_mask_has_exact_sparsity_per_scope_and_drops_smallest(small, scope):
   _, params, _ = small
   mask = magnitude_mask(params, 0.37, scope=scope)
+  # Scanned layers hold their parameters stacked; the mask must rank them per layer all the same.
+  assert "encoder_layers" in params["bert"] and np.shape(mask["bert"]["encoder_layers"]["output"]["kernel"])[0] == 2
+  params, mask = unstack_layers(params), unstack_layers(mask)
   flat_p = jax.tree_util.tree_leaves_with_path(params)
   flat_m = jax.tree.leaves(mask)
   groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -94,6 +98,7 @@ def test_magnitude_mask_has_exact_sparsity_per_scope_and_drops_smallest(small, s
 def test_nm_mask_keeps_two_largest_of_every_four(small):
   _, params, _ = small
   mask = nm_mask(params, 2, 4)
+  params, mask = unstack_layers(params), unstack_layers(mask)
   w = np.abs(np.asarray(params["bert"]["encoder_layer_1"]["intermediate"]["kernel"]))
   m = np.asarray(mask["bert"]["encoder_layer_1"]["intermediate"]["kernel"])
   for g in range(0, w.shape[0], 4):
@@ -254,9 +259,9 @@ def test_gradient_importance_matches_weight_gradient_identity(small):
   neurons_ref = np.zeros((SMALL.num_hidden_layers, SMALL.intermediate_size))
   grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None, True)[1]["loss_sum"]))
   for b in singles:
-    grads = grad_fn(params, b)
+    grads = unstack_layers(grad_fn(params, b))
     for i in range(SMALL.num_hidden_layers):
-      layer, glayer = params["bert"][f"encoder_layer_{i}"], grads["bert"][f"encoder_layer_{i}"]
+      layer, glayer = unstack_layers(params)["bert"][f"encoder_layer_{i}"], grads["bert"][f"encoder_layer_{i}"]
       wg = np.asarray(layer["attention_output"]["kernel"], np.float64) * np.asarray(
         glayer["attention_output"]["kernel"]
       )

@@ -11,6 +11,7 @@ import pytest
 
 from jfast.data import BatchingConfig, batch_from_rows, load_text_classification, tokenize
 from jfast.models import BertConfig, BertForSequenceClassification
+from jfast.nn import unstack_layers
 from jfast.optim import OptimizerConfig, make_optimizer
 from jfast.training import LoopConfig, classification_loss, create_train_state, fit, make_train_step
 
@@ -58,7 +59,7 @@ def test_sgd_step_matches_pytorch_gradients(tokenizer, sst2_dev_sentences):
   new_state, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
   assert float(metrics["examples"]) == 6
-  got = jax.device_get(new_state.params)
+  params, got = unstack_layers(params), unstack_layers(jax.device_get(new_state.params))
   torch_grads = dict(ref.named_parameters())
   checks = {
     ("classifier", "kernel"): "classifier.weight",

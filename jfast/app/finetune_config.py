@@ -54,6 +54,7 @@ class ModelConfig:
   fuse_qkv: str = "auto"  # auto (on GPUs) | on | off: one product for query, key and value
   attention_dropout: str = "auto"  # auto (0 on GPU/TPU: the fused kernel cannot drop) | a rate
   block_size: int | None = None  # blockwise
+  scan_layers: str = "auto"  # auto (on; off with memory.freeze_layers) | on | off: identical layers as one nn.scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,7 @@ FLAGS: dict[str, str] = {
   "model.fuse_qkv": "--fuse-qkv",
   "model.attention_dropout": "--attention-dropout",
   "model.block_size": "--block-size",
+  "model.scan_layers": "--scan-layers",
   "precision.policy": "--precision",
   "precision.loss_scale": "--loss-scale",
   "memory.micro_batches": "--micro-batches",

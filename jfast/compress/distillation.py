@@ -27,6 +27,7 @@ from flax import linen as nn
 
 from jfast.data.batch import Batch
 from jfast.models.bert import BertConfig
+from jfast.nn.scan import unrolled
 from jfast.precision.policy import Policy, get_policy
 from jfast.training.losses import (
   attention_map_loss,
@@ -116,6 +117,7 @@ def _forward(model, params, batch, *, internals: bool, deterministic: bool, rng=
     model = model.clone(last_layer_pooled_only=False)  # the losses read every row of the last layer
   if model.config.fuse_qkv:
     model = model.clone(config=model.config.replace(fuse_qkv=False))  # query and key outputs are captured apart
+  model, params = unrolled(model, params)  # each layer's output and projections captured under its own name
   logits, state = classifier_logits(
     model, params, batch, capture_intermediates=_capture, mutable=["intermediates"], **kwargs
   )

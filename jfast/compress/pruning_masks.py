@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfast.nn.scan import check_patterns_outside_stacks, restack_like, unstack_layers
 from jfast.paths import match_paths, param_paths
 
 # The encoder layers' weight matrices are eligible; embeddings, biases and norms (leaves named embedding/bias/scale)
@@ -37,6 +38,7 @@ def eligible(params, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence
   Returns:
     One bool per leaf.
   """
+  check_patterns_outside_stacks(params, include, "prune")
   paths = param_paths(params)
   inc = match_paths(paths, include, "prune")
   exc = match_paths(paths, exclude, "exclude", must_match=False)
@@ -117,6 +119,8 @@ def magnitude_mask(
     >>> sparse_params = apply_mask(params, mask)  # doctest: +SKIP
   """
   check_sparsity(sparsity)
+  like, params = params, unstack_layers(params)  # scanned layers: ranked per layer, as unrolled ones
+  previous = None if previous is None else unstack_layers(previous)
   leaves, treedef = jax.tree.flatten(params)
   flags = eligible(params, include, exclude)
   keys = _group_keys(param_paths(params), flags, scope)
@@ -130,7 +134,7 @@ def magnitude_mask(
     idx = [i for i, k in enumerate(keys) if k == key]
     for i, m in zip(idx, _rank_keep([scores[i] for i in idx], sparsity), strict=True):
       masks[i] = m
-  return jax.tree.unflatten(treedef, masks)
+  return restack_like(jax.tree.unflatten(treedef, masks), like)
 
 
 def nm_mask(
@@ -161,6 +165,7 @@ def nm_mask(
   """
   if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
     raise ValueError(f"N:M needs integers 0 < n <= m, got {n}:{m}")
+  like, params = params, unstack_layers(jax.device_get(params))
   leaves, treedef = jax.tree.flatten(params)
   flags = eligible(params, include, exclude)
   masks = []
@@ -174,7 +179,7 @@ def nm_mask(
     groups_GxMxO = w.reshape(w.shape[0] // m, m, w.shape[1])
     rank = np.argsort(np.argsort(-groups_GxMxO, axis=1, kind="stable"), axis=1, kind="stable")
     masks.append((rank < n).reshape(w.shape))
-  return jax.tree.unflatten(treedef, masks)
+  return restack_like(jax.tree.unflatten(treedef, masks), like)
 
 
 def apply_mask(params, mask):

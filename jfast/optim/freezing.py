@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 import optax
 
+from jfast.nn.scan import check_patterns_outside_stacks
 from jfast.paths import match_paths, param_paths
 
 
@@ -24,7 +25,8 @@ def freeze_mask(params, patterns: Sequence[str] = (), *, bottom_layers: int | No
     params: the parameter tree.
     patterns: regular expressions matched against whole path components (`jfast.paths`): ``embeddings`` freezes
       everything under any ``embeddings`` module; ``encoder_layer_[0-3]`` the bottom four layers; ``bert/pooler/.*``
-      one module.
+      one module. Scanned layers share one array per parameter (`jfast.nn.scan`): a pattern may select the whole
+      stack (``encoder_layers``) but not some of its layers (a clear error says how to unroll them).
     bottom_layers: freeze the embeddings and the bottom N encoder layers (the usual fine-tuning recipe).
 
   Returns:
@@ -37,9 +39,10 @@ def freeze_mask(params, patterns: Sequence[str] = (), *, bottom_layers: int | No
   if bottom_layers is not None:
     if bottom_layers < 0:
       raise ValueError(f"bottom_layers must be >= 0, got {bottom_layers}")
-    patterns += ["embeddings"] + [f"encoder_layer_{i}" for i in range(bottom_layers)]
+    patterns += ["embeddings"] + [f"(encoder_layer_|h_){i}" for i in range(bottom_layers)]
   if not patterns:
     raise ValueError("freeze_mask needs at least one pattern or bottom_layers")
+  check_patterns_outside_stacks(params, patterns, "freeze")
   frozen = match_paths(param_paths(params), patterns, "freeze")
   if all(frozen):
     raise ValueError("the freeze patterns match every parameter: nothing would train")

@@ -12,6 +12,9 @@ and XLA's SPMD partitioner inserts the collectives. The layout comes from two sm
   ``vocab`` on the ``tensor`` axis; FSDP (ZeRO-3) puts ``embed`` on the ``fsdp`` axis, so every weight matrix and
   its optimizer state is split across it; the batch splits over ``data`` x ``fsdp``.
 
+Scanned layers' stacked parameters (`jfast.nn.scan`) have one more, leading, dimension than their rule: it stays
+unsplit, and each layer's slice is laid out as the unstacked parameter would be.
+
 Leaves no rule names (an unknown model's weights, an 8-bit optimizer's blocks) fall back to ZeRO-style sharding of
 their largest dimension that divides over ``fsdp`` when they are large, and are replicated when small.
 """
@@ -29,6 +32,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jfast.nn.scan import STACKED_GROUPS
 from jfast.paths import path_str
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
@@ -191,6 +195,8 @@ def partition_spec(
   """
   sizes = _mesh_shape(mesh)
   axes = rules.match(path)
+  if axes is not None and len(shape) == len(axes) + 1 and _in_stacked_group(path):
+    axes = (None, *axes)  # scanned layers: the leading layer axis stays whole, each layer is split as alone
   if axes is not None and len(axes) == len(shape):
     spec = []
     for dim, name in zip(shape, axes, strict=True):
@@ -210,6 +216,10 @@ def partition_spec(
       raise ValueError(f"parameter {path}: logical axes {axes} put a mesh axis on two dimensions ({spec})")
     return P(*spec)
   return _fallback_spec(shape, sizes, rules)
+
+
+def _in_stacked_group(path: str) -> bool:
+  return any(part in STACKED_GROUPS for part in path.split("/"))
 
 
 def _fallback_spec(shape: Sequence[int], sizes: Mapping[str, int], rules: ShardingRules) -> P:
