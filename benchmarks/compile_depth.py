@@ -107,7 +107,8 @@ def table(results: list[dict], ab: dict) -> str:
   for r in results:
     base = next(b for b in results if b["layout"] == r["layout"])
     lines.append(
-      f"| {r['layers']} | {r['layout']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['compile_s'] / base['compile_s']:.2f} | "
+      f"| {r['layers']} | {r['layout']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | "
+      f"{r['compile_s'] / base['compile_s']:.2f} | "
       f"{r['cpu_hlo_chars']:,} | {r['cpu_hlo_chars'] / base['cpu_hlo_chars']:.2f} | {r['cuda_hlo_chars']:,} | "
       f"{r['cuda_hlo_chars'] / base['cuda_hlo_chars']:.2f} |"
     )

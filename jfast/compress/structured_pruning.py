@@ -266,8 +266,9 @@ def shrink(config: BertConfig, params, structure: Structure) -> tuple[BertConfig
 
   Returns:
     ``(config, params)``: the config has ``layer_num_heads`` / ``layer_intermediate_sizes``; the params are numpy
-    arrays of the smaller shapes, one module per layer (layers of different sizes run unrolled). The model computes what the unshrunk model computes with those heads and neurons
-    zeroed (`mask_structure`), up to float rounding from the shorter matmul reductions.
+    arrays of the smaller shapes, one module per layer (layers of different sizes run unrolled). The model
+    computes what the unshrunk model computes with those heads and neurons zeroed (`mask_structure`), up to float
+    rounding from the shorter matmul reductions.
 
   Example:
     >>> structure = select(magnitude_importance(config, params), heads=0.5, neurons=0.5)  # doctest: +SKIP

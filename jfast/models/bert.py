@@ -49,10 +49,11 @@ class BertConfig:
     scan_layers: run the identical layers 0..N-2 as one ``nn.scan`` over stacked parameters (`jfast.nn.scan`):
       one compiled layer body whatever the depth. The last layer stays outside the scan (a classifier runs it at
       the [CLS] rows only), and a model whose layers differ (``layer_num_heads``, ``layer_intermediate_sizes``)
-      or hold int8 weights (``quantization`` ``int8``/``int8-static``) always unrolls. ``scanned`` says which applies; False unrolls every layer (per-layer
-      parameters ``encoder_layer_i``; `jfast.nn.unstack_layers` converts).
+      or hold int8 weights (``quantization`` ``int8``/``int8-static``) always unrolls; ``scanned`` says which
+      applies. False unrolls every layer (per-layer parameters ``encoder_layer_i``; `jfast.nn.unstack_layers`
+      converts).
     scan_unroll: layers per iteration of the scan. 1 compiles one layer; more trade compile time for step time
-      where the loop costs: XLA:CPU zero-fills the scan's stacked activation buffers every step (7% of the
+      where the loop costs: XLA:CPU zero-fills the scan's stacked activation buffers every step (6.4% of the
       MiniLM-width fp32 step on a 2-core AVX2 CPU; `benchmarks.compile_depth`), which straight-line code avoids.
   """
 

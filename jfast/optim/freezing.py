@@ -39,7 +39,7 @@ def freeze_mask(params, patterns: Sequence[str] = (), *, bottom_layers: int | No
   if bottom_layers is not None:
     if bottom_layers < 0:
       raise ValueError(f"bottom_layers must be >= 0, got {bottom_layers}")
-    patterns += ["embeddings"] + [f"(encoder_layer_|h_){i}" for i in range(bottom_layers)]
+    patterns += ["embeddings"] + [f"encoder_layer_{i}" for i in range(bottom_layers)]
   if not patterns:
     raise ValueError("freeze_mask needs at least one pattern or bottom_layers")
   check_patterns_outside_stacks(params, patterns, "freeze")
