@@ -18,6 +18,11 @@ Sections (each in its own processes: JAX and PyTorch never share the GPU's memor
 - ``gpt2``: GPT-2 small (124M) language-model train step on packed 1,024-token rows, bf16: tokens/s of jfast (each
   document attends to itself: segment ids) and of transformers ``GPT2LMHeadModel`` (SDPA, bf16 autocast, fused
   AdamW; positions restart per document but attention spans the row, as SDPA has no segment form).
+- ``llm``: a Llama in SmolLM-135M's shape (30 layers, hidden 576, grouped-query attention: 9 query heads sharing 3
+  key/value heads, SwiGLU, RoPE, tied embeddings, vocab 49,152; 134.5M parameters), the same train step on packed
+  1,024-token rows, bf16: tokens/s of jfast and of transformers ``LlamaForCausalLM`` (SDPA, bf16 autocast, fused
+  AdamW; without a cache or attention mask it reads the documents from the restarting positions and keeps them
+  apart, as jfast does).
 - ``sliding``: one attention layer's forward and backward at 16k tokens, sliding window (256 each side) against
   dense: time and compiled memory (`benchmarks.attention_scaling`).
 
@@ -40,7 +45,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("minilm", "bert_base", "gpt2", "sliding")
+SECTIONS = ("minilm", "bert_base", "gpt2", "llm", "sliding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,16 @@ class Sizes:
   gpt_length: int = 1024
   gpt_batch: int = 16
   gpt_steps: int = 30
+  # SmolLM-135M's shape: 30 layers, hidden 576, 9 query heads sharing 3 key/value heads, tied embeddings (134.5M).
+  llm_layers: int = 30
+  llm_width: int = 576
+  llm_heads: int = 9
+  llm_kv_heads: int = 3
+  llm_intermediate: int = 1536
+  llm_vocab: int = 49152
+  llm_length: int = 1024
+  llm_batch: int = 16
+  llm_steps: int = 30
   sliding_lengths: tuple[int, ...] = (4096, 16384)
   sliding_window: int = 256
   sliding_heads: int = 12
@@ -86,6 +101,15 @@ SMOKE = Sizes(
   gpt_length=128,
   gpt_batch=2,
   gpt_steps=3,
+  llm_layers=2,
+  llm_width=64,
+  llm_heads=4,
+  llm_kv_heads=2,
+  llm_intermediate=128,
+  llm_vocab=512,
+  llm_length=128,
+  llm_batch=2,
+  llm_steps=3,
   sliding_lengths=(512,),
   sliding_window=32,
   sliding_heads=2,
@@ -200,14 +224,23 @@ def bert_base(args, sizes: Sizes, raw: Path) -> dict:
   return out
 
 
-def gpt2(args, sizes: Sizes, raw: Path) -> dict:
+def _children(section: str, args, raw: Path) -> dict:
+  """The section's jfast and PyTorch children (``--child SECTION-jfast``, ``SECTION-torch``), one process each."""
   out = {}
   for side in ("jfast", "torch"):
-    path = raw / f"gpt2_{side}.json"
-    cmd = [sys.executable, "-m", "benchmarks.gpu", "--child", f"gpt2-{side}", "--child-out", str(path)]
-    _run([*cmd, *(["--smoke"] if args.smoke else [])], raw / f"gpt2_{side}.log", timeout=args.timeout)
+    path = raw / f"{section}_{side}.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--child", f"{section}-{side}", "--child-out", str(path)]
+    _run([*cmd, *(["--smoke"] if args.smoke else [])], raw / f"{section}_{side}.log", timeout=args.timeout)
     out[side] = json.loads(path.read_text())
   return out
+
+
+def gpt2(args, sizes: Sizes, raw: Path) -> dict:
+  return _children("gpt2", args, raw)
+
+
+def llm(args, sizes: Sizes, raw: Path) -> dict:
+  return _children("llm", args, raw)
 
 
 def sliding(args, sizes: Sizes, raw: Path) -> dict:
@@ -227,24 +260,24 @@ def sliding(args, sizes: Sizes, raw: Path) -> dict:
   return {"setup": result["setup"], "rows": rows}
 
 
-SECTION_FNS = {"minilm": minilm, "bert_base": bert_base, "gpt2": gpt2, "sliding": sliding}
+SECTION_FNS = {"minilm": minilm, "bert_base": bert_base, "gpt2": gpt2, "llm": llm, "sliding": sliding}
 
 
-# -------------------------------------------------------------------------------------------- GPT-2 children
+# ------------------------------------------------------------------------------- GPT-2 and Llama children
 
 
-def _packed_rows(sizes: Sizes, seed: int = 0):
-  """``gpt_batch`` rows of ``gpt_length`` tokens packed from random-length documents: ids, segment and position ids."""
+def _packed_rows(rows: int, length: int, vocab: int, seed: int = 0):
+  """``rows`` rows of ``length`` tokens packed from random-length documents: ids, segment and position ids."""
   import numpy as np
 
   from jfast.data import pack_documents
 
   rng = np.random.default_rng(seed)
   docs = []
-  while sum(len(d) for d in docs) < sizes.gpt_batch * sizes.gpt_length * 1.1:
-    n = int(rng.integers(sizes.gpt_length // 16, sizes.gpt_length))
-    docs.append(rng.integers(1, sizes.gpt_vocab, size=n))
-  return pack_documents(docs, sizes.gpt_length, pad_id=0, vocab_size=sizes.gpt_vocab)
+  while sum(len(d) for d in docs) < rows * length * 1.1:
+    n = int(rng.integers(length // 16, length))
+    docs.append(rng.integers(1, vocab, size=n))
+  return pack_documents(docs, length, pad_id=0, vocab_size=vocab)
 
 
 def _gpt_shape(sizes: Sizes) -> dict:
@@ -261,20 +294,34 @@ def _gpt_shape(sizes: Sizes) -> dict:
   }
 
 
-def gpt2_jfast(sizes: Sizes) -> dict:
+def _llama_shape(sizes: Sizes) -> dict:
+  """The Llama's config fields (the same names in jfast's `LlamaConfig` and transformers'); the rest (RoPE base,
+  norm epsilon, no biases, no dropout) are the same defaults on both sides."""
+  return {
+    "vocab_size": sizes.llm_vocab,
+    "hidden_size": sizes.llm_width,
+    "intermediate_size": sizes.llm_intermediate,
+    "num_hidden_layers": sizes.llm_layers,
+    "num_attention_heads": sizes.llm_heads,
+    "num_key_value_heads": sizes.llm_kv_heads,
+    "max_position_embeddings": sizes.llm_length,
+    "tie_word_embeddings": True,
+  }
+
+
+def _jfast_rate(model, params, rows, batch_size: int, steps: int) -> dict:
+  """jfast's bf16 train step (AdamW) of a causal LM on one packed batch: compiled apart, 3 warm-up steps, then
+  ``steps`` timed."""
   import jax
   import optax
 
   from jfast.data.lm import lm_batches
-  from jfast.models import GPTConfig, init_gpt
   from jfast.precision import get_policy
   from jfast.training import causal_lm_loss, create_train_state, make_train_step
 
   policy = get_policy("bf16")
-  config = GPTConfig(**_gpt_shape(sizes))
-  model, params = init_gpt(policy.configure(config), jax.random.key(0))
   state = create_train_state(model, params, optax.adamw(1e-4), policy=policy)
-  batch = jax.device_put(lm_batches(_packed_rows(sizes), sizes.gpt_batch)[0])
+  batch = jax.device_put(lm_batches(rows, batch_size)[0])
   step = make_train_step(causal_lm_loss(model), policy=policy)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -283,41 +330,40 @@ def gpt2_jfast(sizes: Sizes) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
   t0 = time.perf_counter()
-  for _ in range(sizes.gpt_steps):
+  for _ in range(steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   seconds = time.perf_counter() - t0
   tokens = int((batch.segment_ids > 0).sum())
   return {
-    "tokens_per_s": tokens * sizes.gpt_steps / seconds,
-    "step_s": seconds / sizes.gpt_steps,
+    "tokens_per_s": tokens * steps / seconds,
+    "step_s": seconds / steps,
     "compile_s": compile_s,
     "real_tokens_per_step": tokens,
+    "params": int(sum(x.size for x in jax.tree.leaves(params))),
     "loss": float(metrics["loss"]),
     "device": jax.devices()[0].device_kind,
   }
 
 
-def gpt2_torch(sizes: Sizes) -> dict:
+def _torch_rate(model, rows, batch_size: int, steps: int, **call) -> dict:
+  """PyTorch's usual train step of a transformers causal LM on one packed batch: bf16 autocast, fused AdamW (on a
+  GPU), 3 warm-up steps, then ``steps`` timed. ``call``: more arguments of the model's forward."""
   import numpy as np
   import torch
-  import transformers
 
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  torch.manual_seed(0)
-  config = transformers.GPT2Config(**_gpt_shape(sizes))
-  model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").to(device)
+  model = model.to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-  rows = _packed_rows(sizes)
-  ids = torch.as_tensor(np.asarray(rows.input_ids[: sizes.gpt_batch], np.int64), device=device)
-  seg = np.asarray(rows.segment_ids[: sizes.gpt_batch])
-  labels = np.where(seg > 0, np.asarray(rows.input_ids[: sizes.gpt_batch]), -100).astype(np.int64)
+  ids = torch.as_tensor(np.asarray(rows.input_ids[:batch_size], np.int64), device=device)
+  seg = np.asarray(rows.segment_ids[:batch_size])
+  labels = np.where(seg > 0, np.asarray(rows.input_ids[:batch_size]), -100).astype(np.int64)
   labels = torch.as_tensor(labels, device=device)
-  positions = torch.as_tensor(np.asarray(rows.position_ids[: sizes.gpt_batch], np.int64), device=device)
+  positions = torch.as_tensor(np.asarray(rows.position_ids[:batch_size], np.int64), device=device)
 
   def step():
     with torch.autocast(device.type, dtype=torch.bfloat16):
-      loss = model(input_ids=ids, position_ids=positions, labels=labels).loss
+      loss = model(input_ids=ids, position_ids=positions, labels=labels, **call).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -330,22 +376,71 @@ def gpt2_torch(sizes: Sizes) -> dict:
   sync()
   warmup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  for _ in range(sizes.gpt_steps):
+  for _ in range(steps):
     loss = step()
   sync()
   seconds = time.perf_counter() - t0
   tokens = int((seg > 0).sum())
   return {
-    "tokens_per_s": tokens * sizes.gpt_steps / seconds,
-    "step_s": seconds / sizes.gpt_steps,
+    "tokens_per_s": tokens * steps / seconds,
+    "step_s": seconds / steps,
     "warmup_s": warmup_s,
     "real_tokens_per_step": tokens,
+    "params": int(sum(p.numel() for p in model.parameters())),
     "loss": float(loss),
     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
   }
 
 
-CHILDREN = {"gpt2-jfast": gpt2_jfast, "gpt2-torch": gpt2_torch}
+def gpt2_jfast(sizes: Sizes) -> dict:
+  import jax
+
+  from jfast.models import GPTConfig, init_gpt
+  from jfast.precision import get_policy
+
+  config = get_policy("bf16").configure(GPTConfig(**_gpt_shape(sizes)))
+  model, params = init_gpt(config, jax.random.key(0))
+  rows = _packed_rows(sizes.gpt_batch, sizes.gpt_length, sizes.gpt_vocab)
+  return _jfast_rate(model, params, rows, sizes.gpt_batch, sizes.gpt_steps)
+
+
+def gpt2_torch(sizes: Sizes) -> dict:
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(**_gpt_shape(sizes))
+  model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+  rows = _packed_rows(sizes.gpt_batch, sizes.gpt_length, sizes.gpt_vocab)
+  return _torch_rate(model, rows, sizes.gpt_batch, sizes.gpt_steps)
+
+
+def llm_jfast(sizes: Sizes) -> dict:
+  import jax
+
+  from jfast.models import LlamaConfig, init_llama
+  from jfast.precision import get_policy
+
+  config = get_policy("bf16").configure(LlamaConfig(**_llama_shape(sizes)))
+  model, params = init_llama(config, jax.random.key(0))
+  rows = _packed_rows(sizes.llm_batch, sizes.llm_length, sizes.llm_vocab)
+  return _jfast_rate(model, params, rows, sizes.llm_batch, sizes.llm_steps)
+
+
+def llm_torch(sizes: Sizes) -> dict:
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(**_llama_shape(sizes))
+  model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+  rows = _packed_rows(sizes.llm_batch, sizes.llm_length, sizes.llm_vocab)
+  # No cache and no attention mask: transformers then reads the documents from the restarting position_ids and
+  # masks attention to each one, the work jfast's segment ids ask for.
+  return _torch_rate(model, rows, sizes.llm_batch, sizes.llm_steps, use_cache=False)
+
+
+CHILDREN = {"gpt2-jfast": gpt2_jfast, "gpt2-torch": gpt2_torch, "llm-jfast": llm_jfast, "llm-torch": llm_torch}
 
 
 # ------------------------------------------------------------------------------------------------------ luggage
@@ -438,12 +533,18 @@ def markdown(results: dict, meta: dict) -> str:
         f"{_f(r['mfu'], '.1%')} |"
       )
     lines.append("")
-  g = results.get("gpt2")
-  if g and "error" not in g:
-    lines += ["## GPT-2 small, packed 1,024-token rows, bf16", "", "| side | tokens/s | step ms |", "|---|---|---|"]
-    for side, r in g.items():
-      lines.append(f"| {side} | {_f(r['tokens_per_s'])} | {_f(1000 * r['step_s'], '.1f')} |")
-    lines.append("")
+  z = meta["sizes"]
+  llama = (
+    f"Llama, {z['llm_layers']} layers, hidden {z['llm_width']}, {z['llm_heads']} heads sharing {z['llm_kv_heads']} "
+    f"key/value heads, vocab {z['llm_vocab']:,}, packed {z['llm_length']:,}-token rows, bf16"
+  )
+  for section, title in (("gpt2", "GPT-2 small, packed 1,024-token rows, bf16"), ("llm", llama)):
+    g = results.get(section)
+    if g and "error" not in g:
+      lines += [f"## {title}", "", "| side | tokens/s | step ms |", "|---|---|---|"]
+      for side, r in g.items():
+        lines.append(f"| {side} | {_f(r['tokens_per_s'])} | {_f(1000 * r['step_s'], '.1f')} |")
+      lines.append("")
   s = results.get("sliding")
   if s and "error" not in s:
     lines += [f"## Attention: {s['setup']}", "", "| kernel | median ms | memory MiB |", "|---|---|---|"]
@@ -470,8 +571,9 @@ def chart(results: dict, path: Path, title: str) -> None:
   for name, r in m.get("torch", {}).items():
     if "steady_tokens_per_s" in r:
       bars[f"MiniLM PyTorch {name}"] = r["steady_tokens_per_s"]
-  for side, r in results.get("gpt2", {}).items() if "error" not in results.get("gpt2", {}) else []:
-    bars[f"GPT-2 {side}"] = r["tokens_per_s"]
+  for section, label in (("gpt2", "GPT-2"), ("llm", "Llama")):
+    for side, r in results.get(section, {}).items() if "error" not in results.get(section, {}) else []:
+      bars[f"{label} {side}"] = r["tokens_per_s"]
   bars = {k: v for k, v in bars.items() if v is not None}
   fig, ax = plt.subplots(figsize=(8, 0.4 * max(len(bars), 2) + 1))
   ax.barh(list(bars), list(bars.values()), color=["C0" if "jfast" in k else "C1" for k in bars])
@@ -552,9 +654,10 @@ def main(argv=None) -> dict:
 
 
 def _device(results: dict) -> str:
-  for side in results.get("gpt2", {}).values() if isinstance(results.get("gpt2"), dict) else []:
-    if isinstance(side, dict) and side.get("device"):
-      return side["device"]
+  for section in ("gpt2", "llm"):
+    for side in results.get(section, {}).values() if isinstance(results.get(section), dict) else []:
+      if isinstance(side, dict) and side.get("device"):
+        return side["device"]
   from jfast.app.runs import cpu_description
 
   return f"CPU: {cpu_description()}"

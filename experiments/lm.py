@@ -38,6 +38,7 @@ import numpy as np
 from jfast.app.config import ConfigError
 from jfast.app.entry import run_main
 from jfast.app.runs import cpu_description
+from jfast.cpu import compiler_options as remat_compiler_options
 from jfast.cpu.hugepages import ensure_hugepages, tunables_set
 from jfast.data import (
   LMBatch,
@@ -115,23 +116,41 @@ def load_corpus(path: Path, vocab: int, length: int, packing: str, out: Path):
 
 
 class JaxSide:
-  """jfast: one jitted train step (state donated) run by `jfast.training.training_loop`, one jitted eval step."""
+  """jfast: one jitted train step (state donated) run by `jfast.training.training_loop`, one jitted eval step.
+
+  ``model_class`` and `frozen` are the model-specific parts (`experiments.llm` puts a Llama here); `build` sets up
+  any model, optimizer and freeze mask for the methods below.
+  """
 
   name = "jfast"
+  model_class = GPT
 
   def __init__(self, config: GPTConfig, params, args, total_steps: int):
     policy = get_policy(args.precision)
     self.config = policy.configure(config)
-    self.model = GPT(self.config)
     tx = make_optimizer(self._opt_config(args), total_steps)
     mask = None
-    patterns = _freeze_patterns(args.freeze, config.n_layer, config.position_embedding == "learned")
+    patterns = self.frozen(args, config)
     if patterns:
       mask = freeze_mask(params, patterns)
       tx = freeze(tx, mask)
-    self.state = create_train_state(self.model, params, tx, policy=policy)
-    loss_fn = causal_lm_loss(self.model)
-    self.step_fn = make_train_step(loss_fn, policy=policy, micro_batches=args.micro_batches, freeze_mask=mask)
+    self.build(self.model_class(self.config), params, tx, policy, mask, args.micro_batches)
+
+  @staticmethod
+  def frozen(args, config: GPTConfig) -> list[str]:
+    """Path patterns of the parameters ``--freeze`` keeps fixed."""
+    return _freeze_patterns(args.freeze, config.n_layer, config.position_embedding == "learned")
+
+  def build(self, model, params, tx, policy, mask=None, micro_batches: int = 1) -> None:
+    """The train state, train step and eval step of ``model`` (any model `causal_lm_loss` takes)."""
+    self.model = model
+    self.state = create_train_state(model, params, tx, policy=policy)
+    loss_fn = causal_lm_loss(model)
+    # On the CPU, remat needs an XLA option to take effect in unrolled layers (jfast.cpu.remat).
+    options = remat_compiler_options(model.config.remat_policy)
+    self.step_fn = make_train_step(
+      loss_fn, policy=policy, micro_batches=micro_batches, freeze_mask=mask, compiler_options=options
+    )
     self.eval_fn = make_eval_step(loss_fn)
     self.compiled = self.loop = None
 
@@ -141,6 +160,11 @@ class JaxSide:
     return OptimizerConfig(
       learning_rate=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup, max_grad_norm=1.0, name=name
     )
+
+  @staticmethod
+  def inputs(batches: list[LMBatch]) -> list[LMBatch]:
+    """The batches as `train_step` and `evaluate` take them (as they are)."""
+    return batches
 
   def compile(self, batch: LMBatch) -> dict:
     t0 = time.perf_counter()
@@ -179,21 +203,23 @@ class JaxSide:
 
 
 class TorchSide:
-  """transformers' GPT2LMHeadModel trained the usual way: sdpa attention, fused AdamW, autocast for bf16."""
+  """transformers' GPT2LMHeadModel trained the usual way: sdpa attention, fused AdamW, autocast for bf16.
+
+  `load`, `frozen` and `no_decay` are the model-specific parts (`experiments.llm` loads a LlamaForCausalLM).
+  """
 
   name = "pytorch"
 
   def __init__(self, folder: Path, args, total_steps: int, threads: int):
     import torch
-    import transformers
 
     torch.set_num_threads(threads)
     self.torch = torch
-    self.model = transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa")
+    self.model = self.load(folder)
     self.model.train()
     if args.remat != "none":
       self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    patterns = _freeze_patterns(args.freeze, self.model.config.n_layer)
+    patterns = self.frozen(args)
     for name, p in self.model.named_parameters():
       flax_like = name.removeprefix("transformer.").replace("h.", "h_", 1).split(".")[0]
       if flax_like in patterns:
@@ -201,9 +227,7 @@ class TorchSide:
     decay, no_decay = [], []
     for name, p in self.model.named_parameters():
       if p.requires_grad:
-        # jfast's decay mask: no decay on biases, norm scales and embedding tables.
-        plain = name.endswith("bias") or ".ln_" in name or "wte" in name or "wpe" in name
-        (no_decay if plain else decay).append(p)
+        (no_decay if self.no_decay(name) else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = {"lr": args.lr, "betas": (0.9, 0.999), "eps": 1e-8}
     if args.optimizer == "adamw_8bit":
@@ -226,6 +250,25 @@ class TorchSide:
     self.autocast = args.precision in ("bf16", "pure-bf16")
     self.micro = args.micro_batches
     self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+  @staticmethod
+  def load(folder: Path):
+    import transformers
+
+    return transformers.GPT2LMHeadModel.from_pretrained(folder, attn_implementation="sdpa")
+
+  def frozen(self, args) -> list[str]:
+    """jfast's top-level names (``h_3``, ``wte``) of the parameters ``--freeze`` keeps fixed."""
+    return _freeze_patterns(args.freeze, self.model.config.n_layer)
+
+  @staticmethod
+  def no_decay(name: str) -> bool:
+    """jfast's decay mask: no decay on biases, norm scales and embedding tables."""
+    return name.endswith("bias") or ".ln_" in name or "wte" in name or "wpe" in name
+
+  def inputs(self, batches: list[LMBatch]) -> list:
+    """The batches as `train_step` and `evaluate` take them: torch tensors."""
+    return [self.to_torch(b) for b in batches]
 
   def to_torch(self, b: LMBatch):
     t = self.torch
@@ -307,6 +350,26 @@ def gpt_config(args, tok) -> GPTConfig:
   return config
 
 
+def training_batches(rows: LMBatch, steps: int, batch_size: int, seed: int) -> list[LMBatch]:
+  """``steps`` batches of ``batch_size`` rows: whole epochs of the rows, shuffled afresh each epoch."""
+  epoch, train = 0, []
+  while len(train) < steps:
+    train += lm_batches(rows, batch_size, seed=seed, epoch=epoch)
+    epoch += 1
+  return train[:steps]
+
+
+def machine() -> dict:
+  """Where the run ran: device, CPU and its cores, and the allocator settings of this process."""
+  return {
+    "device": jax.devices()[0].device_kind,
+    "cpu_count": os.cpu_count(),
+    "cpu": cpu_description(),
+    "hugepages": tunables_set(),
+    "retain_freed": tunables_set(retain=True),
+  }
+
+
 def run(args) -> dict:
   out = Path(args.output)
   out.mkdir(parents=True, exist_ok=True)
@@ -315,12 +378,7 @@ def run(args) -> dict:
   check_vocab(tok, config.vocab_size)
   _, params = init_gpt(config, jax.random.key(args.seed))
   params = jax.device_get(params)
-  epoch_batches, epoch, train = [], 0, []
-  while len(train) < args.steps:
-    epoch_batches = lm_batches(train_rows, args.batch_size, seed=args.seed, epoch=epoch)
-    train += epoch_batches
-    epoch += 1
-  train = train[: args.steps]
+  train = training_batches(train_rows, args.steps, args.batch_size, args.seed)
   val = lm_batches(val_rows, args.batch_size)[: max(1, args.eval_rows // args.batch_size)]
   sides = {}
   if "jfast" in args.sides:
@@ -331,17 +389,35 @@ def run(args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="lm-init-"))
     save_hf_gpt2(folder, config, params, tokenizer=tok)
     sides["pytorch"] = TorchSide(folder, args, args.steps, args.torch_threads)
-  inputs = {
-    "jfast": (train, val),
-    "pytorch": (
-      [sides["pytorch"].to_torch(b) for b in train] if "pytorch" in sides else None,
-      [sides["pytorch"].to_torch(b) for b in val] if "pytorch" in sides else None,
-    ),
-  }
+  report, summary = race(sides, train, val, args.eval_every)
+  if "jfast" in sides and args.export:  # the trained GPT with its tokenizer: transformers' Auto classes load it
+    save_hf_gpt2(out / "model", config, sides["jfast"].state.params, tokenizer=tok)
+    print(f"exported the jfast model to {out / 'model'}", flush=True)
+  setup = {k: v for k, v in vars(args).items()}
+  setup.update(
+    train_rows=int(train_rows.input_ids.shape[0]),
+    train_targets=train_rows.num_targets,
+    val_rows_used=len(val) * args.batch_size,
+    params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+    **machine(),
+  )
+  return {"setup": setup, "sides": report, "summary": summary}
+
+
+def race(sides: dict, train: list[LMBatch], val: list[LMBatch], eval_every: int) -> tuple[dict, dict]:
+  """Trains the sides (`JaxSide` / `TorchSide` objects, any number) on ``train`` step by step in turns, evaluating
+  on ``val`` after the first step and every ``eval_every`` steps.
+
+  Returns ``(report, summary)``: per side its validation curve, step times, losses, first step (and a jfast side's
+  compiled-step memory); with sides ``jfast`` and ``pytorch``, the summary holds the time each took to the worse of
+  the two final validation losses.
+  """
+  inputs = {name: (side.inputs(train), side.inputs(val)) for name, side in sides.items()}
   report = {name: {"curve": [], "step_s": [], "losses": []} for name in sides}
-  if "jfast" in sides:
-    report["jfast"]["memory"] = sides["jfast"].compile(train[0])
-    sides["jfast"].start(train)
+  for name, side in sides.items():
+    if isinstance(side, JaxSide):
+      report[name]["memory"] = side.compile(train[0])
+      side.start(train)
   # First step of each side, apart: it pays compilation (jfast) or allocator/thread warm-up (PyTorch).
   for name, side in sides.items():
     rss0 = _reset_peak_rss()
@@ -353,8 +429,8 @@ def run(args) -> dict:
     report[name]["curve"].append({"step": 1, "train_s": 0.0, "val_loss": side.evaluate(inputs[name][1])})
   real_tokens = [b.num_real_tokens for b in train]
   names = list(sides)
-  for start in range(1, args.steps, args.eval_every):
-    stop = min(start + args.eval_every, args.steps)
+  for start in range(1, len(train), eval_every):
+    stop = min(start + eval_every, len(train))
     # Step by step, alternating which side goes first: load from other processes on the shared CPU lands on both.
     for i in range(start, stop):
       for name in names if i % 2 else names[::-1]:
@@ -367,11 +443,9 @@ def run(args) -> dict:
       print(
         f"{name:8s} step {stop:5d}  train {report[name]['curve'][-1]['train_s']:7.1f}s  val {val_loss:.4f}", flush=True
       )
-  if "jfast" in sides:
-    sides["jfast"].loop.close()
-    if args.export:  # the trained GPT with its tokenizer: transformers' AutoModelForCausalLM and AutoTokenizer load it
-      save_hf_gpt2(out / "model", config, sides["jfast"].state.params, tokenizer=tok)
-      print(f"exported the jfast model to {out / 'model'}", flush=True)
+  for side in sides.values():
+    if isinstance(side, JaxSide):
+      side.loop.close()
   for name in sides:
     r = report[name]
     per_step = statistics.median(r["step_s"])
@@ -379,7 +453,7 @@ def run(args) -> dict:
     r["tokens_per_s"] = statistics.median(n / s for n, s in zip(real_tokens[1:], r["step_s"], strict=True))
     r["final_val_loss"] = r["curve"][-1]["val_loss"]
   summary = {"target": None}
-  if len(sides) == 2:
+  if set(sides) == {"jfast", "pytorch"}:
     target = max(report[n]["final_val_loss"] for n in sides)
     reached = {n: time_to(report[n]["curve"], target) for n in sides}
     summary = {
@@ -389,19 +463,7 @@ def run(args) -> dict:
       "speedup_to_target": reached["pytorch"]["train_s"] / max(reached["jfast"]["train_s"], 1e-9),
       "speedup_median_step": report["pytorch"]["median_step_s"] / report["jfast"]["median_step_s"],
     }
-  setup = {k: v for k, v in vars(args).items()}
-  setup.update(
-    train_rows=int(train_rows.input_ids.shape[0]),
-    train_targets=train_rows.num_targets,
-    val_rows_used=len(val) * args.batch_size,
-    params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
-    device=jax.devices()[0].device_kind,
-    cpu_count=os.cpu_count(),
-    cpu=cpu_description(),
-    hugepages=tunables_set(),
-    retain_freed=tunables_set(retain=True),
-  )
-  return {"setup": setup, "sides": report, "summary": summary}
+  return report, summary
 
 
 def markdown(result: dict) -> str:
@@ -418,12 +480,19 @@ def markdown(result: dict) -> str:
     f"glibc huge pages (both sides, one process): {'on' if s.get('hugepages') else 'off'}"
     f"{', freed memory retained (jfast.cpu.hugepages.RETAIN)' if s.get('retain_freed') else ''}.",
     "",
+  ]
+  return "\n".join(lines + race_table(rep, summ)) + "\n"
+
+
+def race_table(rep: dict, summ: dict) -> list[str]:
+  """The markdown table of `race`'s report, one row per side, and the time-to-target sentence."""
+  lines = [
     "| side | compile s | first step s | median step s | tokens/s | final val loss | time to target s | memory |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for name, r in rep.items():
     t = summ.get(f"{name}_time_to_target_s")
-    if name == "jfast":
+    if "memory" in r:
       m = r["memory"]
       mem = (
         f"compiled step: temp {m['temp_bytes'] / 2**20:.1f} MiB + state/batch args {m['argument_bytes'] / 2**20:.1f} "
@@ -448,7 +517,7 @@ def markdown(result: dict) -> str:
       f"(steps {summ['jfast_step_at_target']} / {summ['pytorch_step_at_target']}); median step time ratio "
       f"{summ['speedup_median_step']:.2f}x.",
     ]
-  return "\n".join(lines) + "\n"
+  return lines
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -458,18 +527,22 @@ def _plot(result: dict, path: Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  for name, r in result["sides"].items():
+  plot_curves(ax, result["sides"], result["summary"].get("target_val_loss"))
+  ax.set_title("GPT on tiny-shakespeare, same init, data and AdamW")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def plot_curves(ax, sides: dict, target: float | None = None) -> None:
+  """Validation loss against training time of each side's ``curve`` on ``ax``, with the target as a line."""
+  for name, r in sides.items():
     xs = [p["train_s"] for p in r["curve"]]
     ax.plot(xs, [p["val_loss"] for p in r["curve"]], marker="o", ms=3, label=name)
-  target = result["summary"].get("target_val_loss")
   if target is not None:
     ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target:.3f}")
   ax.set_xlabel("training wall time, s (compilation and evaluation excluded)")
   ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title("GPT on tiny-shakespeare, same init, data and AdamW")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -366,7 +366,7 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path, data_dir, minilm_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((out / "gpu.json").read_text())
   results = summary["results"]
-  assert set(results) == {"minilm", "bert_base", "gpt2", "sliding"}
+  assert set(results) == {"minilm", "bert_base", "gpt2", "llm", "sliding"}
   assert not [name for name, r in results.items() if "error" in r], {k: r.get("error") for k, r in results.items()}
   jfast_runs = results["minilm"]["jfast"]
   # The second run loads the first one's program from the persistent cache, the first compiles it.
@@ -378,6 +378,10 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path, data_dir, minilm_path):
     assert 0.0 <= run["dev_accuracy"] <= 1.0 and run["end_to_end_tokens_per_s"] > 0
   assert {k.split("/")[1] for k in results["bert_base"]["runs"]} == {"jax", "torch"}
   assert all(r["tokens_per_s"] > 0 for r in results["gpt2"].values())
+  # The same Llama on both sides (grouped-query attention, tied embeddings): the same parameter count.
+  assert all(r["tokens_per_s"] > 0 for r in results["llm"].values())
+  assert results["llm"]["jfast"]["params"] == results["llm"]["torch"]["params"]
   assert set(results["sliding"]["rows"]) == {"dense @ 512", "window 32 @ 512"}
   text = (out / "gpu.md").read_text()
+  assert "## Llama, 2 layers, hidden 64, 4 heads sharing 2 key/value heads" in text
   assert "## GPT-2 small" in text and "PyTorch grouped_bf16" in text and (out / "gpu.png").stat().st_size > 0

@@ -16,7 +16,7 @@ from jfast import nn as attention_mod
 from jfast.app.config import ConfigError
 from jfast.data import check_vocab, lm_batches, pack_documents, train_bpe
 from jfast.models import GPT, GPTConfig, generate, init_gpt, load_hf_gpt2, save_hf_gpt2
-from jfast.models.gpt import rotary
+from jfast.nn.rotary import rotary
 from jfast.optim import freeze, freeze_mask
 from jfast.training import causal_lm_loss, create_train_state, make_train_step
 
@@ -143,8 +143,9 @@ def test_greedy_generation_matches_pytorch(torch_folder):
 
 
 def _input_grads(model, params, ids, segment_ids=None, position_ids=None):
-  """``[t, j]``: norm of d(logits of row 0 at position t) / d(input vector at position j)."""
+  """``[t, j]``: norm of d(logits of row 0 at position t) / d(input vector at position j) (GPT or Llama)."""
   length = ids.shape[1]
+  width = getattr(model.config, "n_embd", None) or model.config.hidden_size
 
   def outputs(pert):
     logits = model.apply(
@@ -155,7 +156,7 @@ def _input_grads(model, params, ids, segment_ids=None, position_ids=None):
     )
     return logits[0].sum(-1)
 
-  jac_TxBxJxD = jax.jit(jax.jacrev(outputs))(jnp.zeros((ids.shape[0], length, model.config.n_embd)))
+  jac_TxBxJxD = jax.jit(jax.jacrev(outputs))(jnp.zeros((ids.shape[0], length, width)))
   return np.asarray(jnp.linalg.norm(jac_TxBxJxD[:, 0], axis=-1))
 
 

@@ -257,11 +257,14 @@ def wants_hugepages(args: argparse.Namespace) -> bool:
   """Whether the command re-executes with huge pages for XLA's buffers (`jfast.cpu.hugepages`) before it starts,
   when its backend is the CPU (`jfast.cpu.hugepages.ensure_hugepages` checks that).
 
-  Training runs are faster with them; so are both sides of ``experiment lm`` (one process holds both), which also
+  Training runs are faster with them; so are both sides of ``experiment lm`` and ``experiment llm`` (one process holds both), which also
   keeps freed memory in the process (`jfast.cpu.hugepages.RETAIN`: its GPT step's 331 MiB of temporaries are
   reused, not re-faulted). The other experiments and benchmarks choose per child process themselves.
   """
-  return args.command in ("finetune", "distill") or (args.command, getattr(args, "name", None)) == ("experiment", "lm")
+  return args.command in ("finetune", "distill") or (args.command, getattr(args, "name", None)) in (
+    ("experiment", "lm"),
+    ("experiment", "llm"),
+  )
 
 
 def export_main(argv=None) -> None:
@@ -295,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 0
   if argv is None and wants_hugepages(args):
-    ensure_hugepages(retain=(args.command, getattr(args, "name", None)) == ("experiment", "lm"))
+    ensure_hugepages(
+      retain=(args.command, getattr(args, "name", None)) in (("experiment", "lm"), ("experiment", "llm"))
+    )
   try:
     if args.command in ("evaluate", "predict", "export"):
       _tool(args.command)(args.words)

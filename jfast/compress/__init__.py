@@ -5,6 +5,7 @@ distillation, and int8 post-training quantization with quantized checkpoints (th
 from jfast.compress.distillation import (
   DistillConfig,
   TeacherBatch,
+  causal_lm_distillation_loss,
   check_compatible,
   distill_params,
   distillation_loss,
@@ -47,6 +48,7 @@ __all__ = [
   "TeacherBatch",
   "apply_mask",
   "calibrate",
+  "causal_lm_distillation_loss",
   "check_compatible",
   "dequantize",
   "distill_params",

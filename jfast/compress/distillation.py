@@ -35,6 +35,7 @@ from jfast.training.losses import (
   classifier_logits,
   cross_entropy,
   hidden_state_loss,
+  lm_logits,
   loss_sums,
   soft_target_loss,
 )
@@ -281,6 +282,58 @@ def distillation_loss(
   return loss_fn
 
 
+def causal_lm_distillation_loss(
+  student_model: nn.Module,
+  teacher_model: nn.Module,
+  config: DistillConfig | None = None,
+  *,
+  teacher_policy: str | Policy | None = None,
+) -> LossFn:
+  """Distillation of a causal LM (Llama, GPT): ``alpha * T^2 * KL + (1 - alpha) * CE`` per real next-token target.
+
+  Every real target of an `jfast.data.LMBatch` is one example: the loss is summed over them and divided by their
+  count, as `jfast.training.causal_lm_loss` is, so packed rows and micro-batches give the whole batch's loss. The
+  teacher runs on ``teacher_params`` (the step's extra input) without gradients; it may be larger (more layers,
+  wider, more heads) as long as it reads the same vocabulary. Hidden-state and attention-map terms are BERT's only.
+
+  Example:
+    >>> loss = causal_lm_distillation_loss(Llama(small), Llama(large), DistillConfig(temperature=2.0))  # doctest: +SKIP
+    >>> step = make_train_step(loss)  # then step(state, teacher_params, batch)  # doctest: +SKIP
+  """
+  config = DistillConfig() if config is None else config
+  if config.needs_teacher_internals:
+    raise ValueError("hidden-state and attention-map matching are implemented for BERT; a causal LM distils logits")
+  check_compatible(student_model, teacher_model, config)
+  teacher_policy = None if teacher_policy is None else get_policy(teacher_policy)
+  if teacher_policy is not None:
+    teacher_model = teacher_model.clone(config=teacher_policy.configure(teacher_model.config))
+
+  def loss_fn(params, batch, rng, deterministic, teacher_params=None):
+    if teacher_params is None:
+      raise ValueError("give the teacher's params to the step: step(state, teacher_params, batch)")
+    if teacher_policy is not None:
+      teacher_params = teacher_policy.cast_to_param(teacher_params)
+    t_logits = jax.lax.stop_gradient(lm_logits(teacher_model, teacher_params, batch))
+    s_logits = lm_logits(student_model, params, batch, deterministic=deterministic, rng=rng)
+    mask_BxL = batch.example_mask.astype(jnp.float32)
+    prediction_BxL = jnp.argmax(s_logits, -1)
+    sums = loss_sums(
+      cross_entropy(s_logits, batch.labels), prediction_BxL == batch.labels, mask_BxL, batch.segment_ids
+    )
+    kd_sum = jnp.sum(soft_target_loss(s_logits, t_logits, config.temperature) * mask_BxL)
+    loss_sum = config.alpha * kd_sum + (1.0 - config.alpha) * sums["loss_sum"]
+    aux = {
+      **sums,
+      "loss_sum": loss_sum,
+      "kd_sum": kd_sum,
+      "ce_sum": sums["loss_sum"],
+      "agree": jnp.sum((prediction_BxL == jnp.argmax(t_logits, -1)) * mask_BxL),
+    }
+    return loss_sum / jnp.maximum(sums["examples"], 1.0), aux
+
+  return loss_fn
+
+
 def make_distill_step(
   student_model: nn.Module,
   teacher_model: nn.Module | None = None,
@@ -302,7 +355,8 @@ def make_distill_step(
 
   Args:
     student_model: the `BertForSequenceClassification` being trained (``state.params`` are its params, see
-      `distill_params`).
+      `distill_params`), or a causal LM (`jfast.models.Llama`, `GPT`) trained on `jfast.data.LMBatch` rows with
+      `causal_lm_distillation_loss`.
     teacher_model: the teacher module; None when only precomputed logits are streamed.
     config: the `DistillConfig` (default: T=2, alpha=0.5, logits only).
     policy: the student's precision policy, as in `make_train_step`.
@@ -324,7 +378,10 @@ def make_distill_step(
     >>> step = make_distill_step(student, teacher, DistillConfig(temperature=2.0, alpha=0.5))  # doctest: +SKIP
     >>> state, metrics = step(state, t_params, batch)  # doctest: +SKIP
   """
-  loss_fn = distillation_loss(student_model, teacher_model, config, teacher_policy=teacher_policy)
+  if isinstance(getattr(student_model, "config", None), BertConfig) or teacher_model is None:
+    loss_fn = distillation_loss(student_model, teacher_model, config, teacher_policy=teacher_policy)
+  else:  # a causal LM (Llama, GPT) distils on next-token targets
+    loss_fn = causal_lm_distillation_loss(student_model, teacher_model, config, teacher_policy=teacher_policy)
   return make_train_step(
     loss_fn, policy=policy, micro_batches=micro_batches, freeze_mask=freeze_mask, donate=donate, mesh=mesh, rules=rules
   )

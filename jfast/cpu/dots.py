@@ -270,11 +270,15 @@ class MixedDense(nn.Module):
   dtype: Any
   kernel_init: Any = nn.initializers.lecun_normal()
   param_dtype: Any = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxK: jax.Array) -> jax.Array:
     kernel_KxN = self.param("kernel", self.kernel_init, (x_BxLxK.shape[-1], self.features), self.param_dtype)
-    bias_N = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
     x_BxLxK = x_BxLxK.astype(self.dtype)
     dims = (((x_BxLxK.ndim - 1,), (0,)), ((), ()))
-    return add_bias(mixed_dot_general(x_BxLxK, kernel_KxN, dims), bias_N)
+    y_BxLxN = mixed_dot_general(x_BxLxK, kernel_KxN, dims)
+    if not self.use_bias:
+      return y_BxLxN
+    bias_N = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    return add_bias(y_BxLxN, bias_N)

@@ -20,7 +20,7 @@ from jfast.nn.dropout import Dropout
 from jfast.nn.fused import fused_projections
 from jfast.nn.layers import DTYPES, dense, layer_norm
 from jfast.nn.quant_dense import QUANTIZED_LAYERS, QuantDense, check_mode
-from jfast.nn.remat import remat_policy
+from jfast.nn.remat import remat_layer, remat_policy
 from jfast.nn.scan import scan_layers
 
 
@@ -221,14 +221,6 @@ class BertLayer(nn.Module):
     return (out_BxLxD, None) if self.scanned else out_BxLxD
 
 
-def _layer_class(config: BertConfig):
-  policy = remat_policy(config.remat_policy)
-  if config.remat_policy == "none":
-    return BertLayer
-  # deterministic (argument 3, counting the module) must stay a Python bool under remat.
-  return nn.remat(BertLayer, policy=policy, static_argnums=(3,))
-
-
 def _scanned_layers(config: BertConfig):
   # Arguments after the carry: segment ids, deterministic (argument 3 counting the module), query rows (None).
   return scan_layers(
@@ -306,7 +298,7 @@ class BertModel(nn.Module):
     )
     if self.last_layer_pooled_only and not self.add_pooling_layer:
       raise ValueError("last_layer_pooled_only needs add_pooling_layer=True: without a pooler every row is output")
-    layer_cls = _layer_class(cfg)
+    layer_cls = remat_layer(BertLayer, cfg.remat_policy, static_argnum=3)
     pooled_rows_BxS = None
     if self.last_layer_pooled_only:
       pooled_rows_BxS = jnp.zeros((input_ids.shape[0], 1), jnp.int32) if cls_positions is None else cls_positions

@@ -25,7 +25,8 @@ from jfast.nn.attention import Attention
 from jfast.nn.attention_config import AttentionConfig
 from jfast.nn.dropout import Dropout
 from jfast.nn.layers import DTYPES, dense, layer_norm
-from jfast.nn.remat import remat_policy
+from jfast.nn.remat import remat_layer, remat_policy
+from jfast.nn.rotary import rotary
 from jfast.nn.scan import scan_layers
 
 POSITION_EMBEDDINGS = ("learned", "rotary")
@@ -134,21 +135,6 @@ def _layer_norm(config: GPTConfig, name: str) -> nn.Module:
   return layer_norm(config.layer_norm_epsilon, config.compute_dtype, name=name)
 
 
-def rotary(x_BxLxHxD: jax.Array, position_ids_BxL: jax.Array, base: float = 10000.0) -> jax.Array:
-  """Rotates channel pairs ``(i, i + D/2)`` by angle ``position * base^(-2i/D)`` (RoPE, GPT-NeoX/Llama layout).
-
-  Positions come from ``position_ids``, so packed documents, whose positions restart at 0, are encoded exactly as
-  they would be alone.
-  """
-  half = x_BxLxHxD.shape[-1] // 2
-  inv_freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLxF = position_ids_BxL.astype(jnp.float32)[:, :, None] * inv_freq_F[None, None, :]
-  cos_BxLx1xF, sin_BxLx1xF = jnp.cos(angle_BxLxF)[:, :, None], jnp.sin(angle_BxLxF)[:, :, None]
-  x1, x2 = x_BxLxHxD[..., :half].astype(jnp.float32), x_BxLxHxD[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos_BxLx1xF - x2 * sin_BxLx1xF, x2 * cos_BxLx1xF + x1 * sin_BxLx1xF], axis=-1)
-  return out.astype(x_BxLxHxD.dtype)
-
-
 def split_qkv(qkv_BxLx3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """GPT-2's fused ``c_attn`` output cut into query, key and value.
 
@@ -218,13 +204,6 @@ class GPTBlock(nn.Module):
     return (x_BxLxD, None) if self.scanned else x_BxLxD
 
 
-def _block_class(config: GPTConfig):
-  if config.remat_policy == "none":
-    return GPTBlock
-  # deterministic (argument 4, counting the module) must stay a Python bool under remat.
-  return nn.remat(GPTBlock, policy=remat_policy(config.remat_policy), static_argnums=(4,))
-
-
 class GPT(nn.Module):
   """GPT-2-style language model: ``apply({'params': p}, input_ids)`` returns float32 logits ``[B, L, vocab]``.
 
@@ -273,7 +252,7 @@ class GPT(nn.Module):
       x_BxLxD, _ = blocks(cfg, scanned=True, name=cfg.layer_group)(
         x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic
       )
-    block_cls = _block_class(cfg)
+    block_cls = remat_layer(GPTBlock, cfg.remat_policy, static_argnum=4)
     for i in range(cfg.stacked_layers, cfg.n_layer):
       x_BxLxD = block_cls(cfg, name=f"h_{i}")(x_BxLxD, segment_ids_BxL, position_ids_BxL, deterministic)
     h_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)

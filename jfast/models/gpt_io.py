@@ -19,7 +19,7 @@ from jfast.data.bpe import END_OF_TEXT
 from jfast.errors import ModelFolderError
 from jfast.models.gpt import GPT, GPTConfig
 from jfast.models.hf_io import (
-  LEAVES,
+  dotted_name,
   flat_tensors,
   match_tensors,
   param_shapes,
@@ -52,9 +52,7 @@ _CONFIG_KEYS = (
 
 def _hf_name(path: tuple[str, ...]) -> str:
   """Maps a flattened Flax path to its Hugging Face name without the ``transformer.`` prefix."""
-  *module, leaf = path
-  parts = [m.replace("h_", "h.", 1) if re.fullmatch(r"h_\d+", m) else m for m in module]
-  return ".".join([*parts, LEAVES[leaf]])
+  return dotted_name(path, "h")
 
 
 def _config_from_hf(hf: dict) -> GPTConfig:

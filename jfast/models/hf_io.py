@@ -24,28 +24,63 @@ from tokenizers import Tokenizer
 
 from jfast.errors import ModelFolderError
 
+WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
 # Flax leaf name -> the PyTorch parameter name it is stored under.
 LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
+def dotted_name(path: tuple[str, ...], layer_prefix: str) -> str:
+  """A flattened Flax path as a PyTorch parameter name: per-layer modules ``{prefix}_i`` become ``{prefix}.i`` and
+  the leaf its PyTorch name (``("h_3", "attn", "c_attn", "kernel")`` -> ``h.3.attn.c_attn.weight``)."""
+  *module, leaf = path
+  parts = [re.sub(rf"^{layer_prefix}_(\d+)$", rf"{layer_prefix}.\1", m) for m in module]
+  return ".".join([*parts, LEAVES[leaf]])
+
+
 def read_folder(path: str | Path) -> tuple[Path, dict, dict[str, np.ndarray]]:
-  """``(folder, config.json as a dict, tensors by name)``; a missing or unreadable file raises naming it."""
+  """``(folder, config.json as a dict, tensors by name)``; a missing or unreadable file raises naming it.
+
+  Reads ``model.safetensors``, or the shards a ``model.safetensors.index.json`` lists (Hugging Face's layout for
+  large models).
+  """
   folder = Path(path)
   if not folder.is_dir():
     raise FileNotFoundError(f"no model folder at {folder}")
-  config_file, weights_file = folder / "config.json", folder / "model.safetensors"
+  config_file, weights_file, index_file = folder / "config.json", folder / WEIGHTS, folder / WEIGHTS_INDEX
   if not config_file.is_file():
     raise FileNotFoundError(f"{folder} has no config.json")
-  if not weights_file.is_file():
-    extra = (
-      " (pytorch_model.bin is not read: convert it to safetensors)" if (folder / "pytorch_model.bin").exists() else ""
-    )
-    raise FileNotFoundError(f"{folder} has no model.safetensors{extra}")
+  if weights_file.is_file():
+    return folder, read_config(folder), _load_safetensors(weights_file)
+  if index_file.is_file():
+    return folder, read_config(folder), _load_shards(folder, index_file)
+  extra = (
+    " (pytorch_model.bin is not read: convert it to safetensors)" if (folder / "pytorch_model.bin").exists() else ""
+  )
+  raise FileNotFoundError(f"{folder} has no {WEIGHTS} (nor a sharded {WEIGHTS_INDEX}){extra}")
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
   try:
-    tensors = load_file(str(weights_file))
+    return load_file(str(file))
   except (SafetensorError, OSError, ValueError) as e:
-    raise ModelFolderError(f"{weights_file} is corrupt or not a safetensors file: {e}") from None
-  return folder, read_config(folder), tensors
+    raise ModelFolderError(f"{file} is corrupt or not a safetensors file: {e}") from None
+
+
+def _load_shards(folder: Path, index_file: Path) -> dict[str, np.ndarray]:
+  try:
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise ModelFolderError(f"{index_file} is not a safetensors index (no weight_map): {e}") from None
+  tensors: dict[str, np.ndarray] = {}
+  for shard in sorted(set(weight_map.values())):
+    if not (folder / shard).is_file():
+      raise FileNotFoundError(f"{index_file} lists shard {shard}, which {folder} does not hold")
+    tensors.update(_load_safetensors(folder / shard))
+  missing = sorted(name for name in weight_map if name not in tensors)
+  if missing:
+    raise ModelFolderError(f"{index_file} lists tensors its shards do not hold: {', '.join(missing[:5])}")
+  return tensors
 
 
 def read_config(folder: str | Path) -> dict:
@@ -115,16 +150,48 @@ def flat_tensors(params: dict, hf_name: Callable[[tuple[str, ...]], str], *, tra
   return tensors
 
 
-def write_folder(path: str | Path, tensors: dict[str, np.ndarray], hf_config: dict) -> Path:
+def write_folder(
+  path: str | Path, tensors: dict[str, np.ndarray], hf_config: dict, *, max_shard_bytes: int | None = None
+) -> Path:
   """Writes ``model.safetensors`` and ``config.json`` into ``path`` (created with its parents), readable by all as
-  any file the user writes (the umask's permissions, not safetensors' owner-only default)."""
+  any file the user writes (the umask's permissions, not safetensors' owner-only default).
+
+  With ``max_shard_bytes``, tensors go into shards of at most that size (one tensor larger than it gets a shard of its
+  own) named as Hugging Face names them, with ``model.safetensors.index.json``.
+  """
   folder = Path(path)
   folder.mkdir(parents=True, exist_ok=True)
-  weights = folder / "model.safetensors"
-  save_file(tensors, str(weights), metadata={"format": "pt"})
   umask = os.umask(0)
   os.umask(umask)
-  weights.chmod(0o666 & ~umask)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  if max_shard_bytes is not None:
+    if max_shard_bytes <= 0:
+      raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    size = 0
+    for name, value in tensors.items():
+      if shards[-1] and size + value.nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][name] = value
+      size += value.nbytes
+  else:
+    shards = [tensors]
+  for stale in [folder / WEIGHTS, folder / WEIGHTS_INDEX, *folder.glob("model-*-of-*.safetensors")]:
+    stale.unlink(missing_ok=True)
+  names = (
+    [WEIGHTS]
+    if len(shards) == 1
+    else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+  )
+  for name, shard in zip(names, shards, strict=True):
+    save_file(shard, str(folder / name), metadata={"format": "pt"})
+    (folder / name).chmod(0o666 & ~umask)
+  if len(shards) > 1:
+    index = {
+      "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+      "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
+    }
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
   (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
   return folder
 

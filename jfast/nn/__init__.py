@@ -27,9 +27,20 @@ from jfast.nn.int8 import (
   quantize_per_token,
   quantize_weight,
 )
-from jfast.nn.layers import DTYPES, dense, layer_norm
+from jfast.nn.layers import DTYPES, dense, layer_norm, rms_norm
+from jfast.nn.lora import (
+  LoRAConfig,
+  LoRAModel,
+  add_lora,
+  lora_mask,
+  merge_lora,
+  split_lora,
+  trainable_count,
+  with_lora,
+)
 from jfast.nn.quant_dense import QUANTIZATION_MODES, QUANTIZED_LAYERS, QuantDense
 from jfast.nn.remat import REMAT_POLICIES, TAGS, remat_policy
+from jfast.nn.rotary import RopeScaling, apply_rotary, rope_frequencies, rotary
 from jfast.nn.scan import STACKED_GROUPS, match_layout, scan_layers, stack_layers, unstack_layers
 
 __all__ = [
@@ -47,7 +58,12 @@ __all__ = [
   "Attention",
   "AttentionConfig",
   "Dropout",
+  "LoRAConfig",
+  "LoRAModel",
   "QuantDense",
+  "RopeScaling",
+  "add_lora",
+  "apply_rotary",
   "blockwise_attention",
   "dense",
   "dense_attention",
@@ -59,14 +75,22 @@ __all__ = [
   "int8_matmul",
   "keep_mask",
   "layer_norm",
+  "lora_mask",
   "masked_attention",
   "match_layout",
+  "merge_lora",
   "quantize_per_token",
   "quantize_weight",
   "remat_policy",
+  "rms_norm",
+  "rope_frequencies",
+  "rotary",
   "scan_layers",
   "segment_mask",
   "sliding_window_attention",
+  "split_lora",
   "stack_layers",
+  "trainable_count",
   "unstack_layers",
+  "with_lora",
 ]

@@ -75,4 +75,5 @@ ACTIVATIONS = {
   "gelu_new": lambda x: gelu(x, approximate=True),
   "gelu_pytorch_tanh": lambda x: gelu(x, approximate=True),
   "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
 }

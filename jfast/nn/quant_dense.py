@@ -53,6 +53,7 @@ class QuantDense(nn.Module):
   mode: str = "int8"
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_NxI: jax.Array) -> jax.Array:
@@ -60,15 +61,13 @@ class QuantDense(nn.Module):
     width = x_NxI.shape[-1]
     if self.mode == "qat":
       kernel_IxO = self.param("kernel", self.kernel_init, (width, self.features), jnp.float32)
-      bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
       x_NxI = numerics.fake_quant_per_token(x_NxI.astype(jnp.float32))
       y_NxO = jnp.dot(x_NxI, numerics.fake_quant_weight(kernel_IxO))
-      return (y_NxO + _lift(bias_O, y_NxO.ndim)).astype(self.dtype)
+      return (y_NxO + self._bias(y_NxO.ndim)).astype(self.dtype)
     if self.mode == "none":
       raise ValueError("QuantDense with mode 'none': build nn.Dense instead")
     kernel_IxO = self.param("kernel", nn.initializers.zeros_init(), (width, self.features), jnp.int8)
     scale_O = self.param("kernel_scale", nn.initializers.ones_init(), (self.features,), jnp.float32)
-    bias_O = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     if self.mode == "int8-static":
       scale_x = self.param("input_scale", nn.initializers.ones_init(), (), jnp.float32)
       x_q_NxI = numerics.round_to_int8(x_NxI, scale_x)
@@ -76,5 +75,10 @@ class QuantDense(nn.Module):
       x_q_NxI, scale_x = numerics.quantize_per_token(x_NxI)
     acc_NxO = numerics.int8_matmul(x_q_NxI, kernel_IxO)
     # One multiply by the outer product of the two scales, then the bias: XLA fuses it into the int32 -> f32 convert.
-    y_NxO = acc_NxO.astype(jnp.float32) * (scale_x * _lift(scale_O, acc_NxO.ndim)) + _lift(bias_O, acc_NxO.ndim)
+    y_NxO = acc_NxO.astype(jnp.float32) * (scale_x * _lift(scale_O, acc_NxO.ndim)) + self._bias(acc_NxO.ndim)
     return y_NxO.astype(self.dtype)
+
+  def _bias(self, ndim: int):
+    if not self.use_bias:
+      return jnp.zeros((1,) * ndim, jnp.float32)
+    return _lift(self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32), ndim)

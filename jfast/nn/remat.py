@@ -8,6 +8,7 @@ BERT, GPT and a user's own model that uses these names.
 from __future__ import annotations
 
 import jax
+from flax import linen as nn
 
 # The activations jfast's models tag with `jax.ad_checkpoint.checkpoint_name`.
 TAGS = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_hidden", "layer_out")
@@ -48,3 +49,15 @@ def remat_policy(name: str):
   if name == "offload" and jax.default_backend() == "cpu":
     raise ValueError("remat policy 'offload' moves activations to pinned host memory, which needs a GPU or TPU")
   return REMAT_POLICIES[name]
+
+
+def remat_layer(layer_cls, name: str, *, static_argnum: int):
+  """``layer_cls`` rematerialised by the policy ``name`` (a key of `REMAT_POLICIES`), or unchanged for ``none``.
+
+  ``static_argnum`` is the position of the layer's ``deterministic`` flag among its call's arguments, counting the
+  module as 0: it must stay a Python bool under remat. (Scanned layers get theirs from `jfast.nn.scan_layers`.)
+  """
+  policy = remat_policy(name)
+  if policy is None:
+    return layer_cls
+  return nn.remat(layer_cls, policy=policy, static_argnums=(static_argnum,))

@@ -25,7 +25,7 @@ from jfast.nn.remat import remat_policy
 from jfast.paths import compile_patterns, param_paths
 
 # Stacked group name -> the prefix of the per-layer modules it holds (layer i is f"{prefix}{i}").
-STACKED_GROUPS: Mapping[str, str] = {"encoder_layers": "encoder_layer_", "h": "h_"}
+STACKED_GROUPS: Mapping[str, str] = {"encoder_layers": "encoder_layer_", "h": "h_", "layers": "layers_"}
 
 
 def scan_layers(
@@ -53,7 +53,8 @@ def scan_layers(
     cls = nn.remat(layer_cls, policy=remat_policy(remat), static_argnums=(static_argnum,), prevent_cse=False)
   return nn.scan(
     cls,
-    variable_axes={"params": 0, "intermediates": 0},
+    # "cache": a decoder's per-layer key/value cache during generation (`jfast.models.llama`).
+    variable_axes={"params": 0, "intermediates": 0, "cache": 0},
     split_rngs={"params": True, "dropout": True},
     in_axes=(nn.broadcast,) * broadcast,
     length=length,

@@ -14,6 +14,7 @@ from jfast.optim.adamw8bit import (
 )
 from jfast.optim.clipping import clip_by_global_norm
 from jfast.optim.freezing import freeze, freeze_mask, param_paths
+from jfast.optim.lora import lora_optimizer
 from jfast.optim.recipe import (
   OPTIMIZERS,
   ROW_SPARSE_MODES,
@@ -38,6 +39,7 @@ __all__ = [
   "freeze",
   "freeze_mask",
   "learning_rate_schedule",
+  "lora_optimizer",
   "make_optimizer",
   "param_paths",
   "quantize_blockwise",

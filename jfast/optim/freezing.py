@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 import optax
 
-from jfast.nn.scan import check_patterns_outside_stacks
+from jfast.nn.scan import STACKED_GROUPS, check_patterns_outside_stacks
 from jfast.paths import match_paths, param_paths
 
 
@@ -27,7 +27,9 @@ def freeze_mask(params, patterns: Sequence[str] = (), *, bottom_layers: int | No
       everything under any ``embeddings`` module; ``encoder_layer_[0-3]`` the bottom four layers; ``bert/pooler/.*``
       one module. Scanned layers share one array per parameter (`jfast.nn.scan`): a pattern may select the whole
       stack (``encoder_layers``) but not some of its layers (a clear error says how to unroll them).
-    bottom_layers: freeze the embeddings and the bottom N encoder layers (the usual fine-tuning recipe).
+    bottom_layers: freeze the embeddings and the bottom N layers (the usual fine-tuning recipe), named as the model
+      names them: BERT's ``embeddings`` and ``encoder_layer_i``, Llama's ``embed_tokens`` and ``layers_i``, GPT's
+      ``wte``/``wpe`` and ``h_i``.
 
   Returns:
     A pytree of Python bools with the structure of ``params`` (True = frozen).
@@ -39,7 +41,7 @@ def freeze_mask(params, patterns: Sequence[str] = (), *, bottom_layers: int | No
   if bottom_layers is not None:
     if bottom_layers < 0:
       raise ValueError(f"bottom_layers must be >= 0, got {bottom_layers}")
-    patterns += ["embeddings"] + [f"encoder_layer_{i}" for i in range(bottom_layers)]
+    patterns += _bottom_patterns(params, bottom_layers)
   if not patterns:
     raise ValueError("freeze_mask needs at least one pattern or bottom_layers")
   check_patterns_outside_stacks(params, patterns, "freeze")
@@ -47,6 +49,20 @@ def freeze_mask(params, patterns: Sequence[str] = (), *, bottom_layers: int | No
   if all(frozen):
     raise ValueError("the freeze patterns match every parameter: nothing would train")
   return jax.tree.unflatten(jax.tree.structure(params), frozen)
+
+
+STACKED_GROUPS_BY_PREFIX = {prefix: group for group, prefix in STACKED_GROUPS.items()}
+# (per-layer module prefix, embedding modules) of each model family, for ``bottom_layers``.
+_FAMILIES = (("encoder_layer_", ("embeddings",)), ("layers_", ("embed_tokens",)), ("h_", ("wte", "wpe")))
+
+
+def _bottom_patterns(params, count: int) -> list[str]:
+  names = {part for path in param_paths(params) for part in path.split("/")}
+  for prefix, tables in _FAMILIES:
+    group = STACKED_GROUPS_BY_PREFIX.get(prefix)
+    if f"{prefix}0" in names or group in names:
+      return [t for t in tables if t in names] + [f"{prefix}{i}" for i in range(count)]
+  return ["embeddings"] + [f"encoder_layer_{i}" for i in range(count)]
 
 
 def freeze(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:

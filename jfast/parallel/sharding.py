@@ -57,6 +57,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
   (r"(classifier|score)/kernel$", ("embed", None)),
   # Norm scales and the remaining [D] biases: a few KiB each; gathering them would cost more latency than they save.
   (r"(scale|bias)$", ("norm",)),
+  # LoRA adapters (`jfast.nn.lora`): rank-r factors, small enough to replicate.
+  (r"lora_(a|b)$", (None, None)),
 )
 
 LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {

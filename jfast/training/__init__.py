@@ -13,6 +13,7 @@ from jfast.training.losses import (
   classifier_logits,
   cross_entropy,
   hidden_state_loss,
+  lm_logits,
   loss_sums,
   soft_target_loss,
 )
@@ -45,6 +46,7 @@ __all__ = [
   "evaluate",
   "fit",
   "hidden_state_loss",
+  "lm_logits",
   "loss_sums",
   "make_eval_step",
   "make_predict_step",

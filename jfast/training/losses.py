@@ -79,6 +79,18 @@ def classification_loss(model: nn.Module):
   return loss_fn
 
 
+def lm_logits(model: nn.Module, params, batch: Any, *, deterministic: bool = True, rng=None):
+  """A causal LM's float32 logits ``[B, L, V]`` on the rows of an `jfast.data.LMBatch` (segments and positions)."""
+  return model.apply(
+    {"params": params},
+    batch.input_ids,
+    segment_ids=batch.segment_ids,
+    position_ids=batch.position_ids,
+    deterministic=deterministic,
+    rngs=None if deterministic else {"dropout": rng},
+  )
+
+
 def causal_lm_loss(model: nn.Module):
   """Next-token cross-entropy over real targets (``example_mask`` of an `jfast.data.LMBatch`), normalised by their
   count.
@@ -92,14 +104,7 @@ def causal_lm_loss(model: nn.Module):
   """
 
   def loss_fn(params, batch: Any, rng, deterministic: bool):
-    logits_BxLxV = model.apply(
-      {"params": params},
-      batch.input_ids,
-      segment_ids=batch.segment_ids,
-      position_ids=batch.position_ids,
-      deterministic=deterministic,
-      rngs=None if deterministic else {"dropout": rng},
-    )
+    logits_BxLxV = lm_logits(model, params, batch, deterministic=deterministic, rng=rng)
     # "The target has the highest logit" instead of argmax == target: the same count (but for exact ties) from the
     # max the cross-entropy computes anyway; XLA:CPU's argmax over [B, L, V] took about 2% of the GPT step.
     label_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch.labels[..., None], axis=-1)[..., 0]
