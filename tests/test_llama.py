@@ -173,14 +173,13 @@ def test_cached_decoding_equals_the_full_forward(hf_folders, kind):
   logits, variables = decoder.apply({"params": params}, jnp.asarray(ids[:, :17]), cache_index=0, mutable=["cache"])
   np.testing.assert_allclose(np.asarray(logits), full[:, :17], atol=2e-5)
   for t in range(17, 30):
+    # Positions default to the cache slots (cache_index, ...), as transformers derives them from cache_position.
     logits, variables = decoder.apply(
-      {"params": params, **variables},
-      jnp.asarray(ids[:, t : t + 1]),
-      position_ids=jnp.full((2, 1), t),
-      cache_index=t,
-      mutable=["cache"],
+      {"params": params, **variables}, jnp.asarray(ids[:, t : t + 1]), cache_index=t, mutable=["cache"]
     )
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=2e-5, err_msg=f"step {t}")
+  with pytest.raises(ValueError, match="written at cache slot 31 do not fit a cache of 32"):
+    decoder.apply({"params": params, **variables}, jnp.asarray(ids[:, :2]), cache_index=31, mutable=["cache"])
 
 
 def test_sampling_filters_match_transformers_warpers():
@@ -246,6 +245,11 @@ def test_eos_stops_a_row_and_pads_the_rest(hf_folders):
   first = int(np.argmax(out[0, 6:] == eos)) + 6
   np.testing.assert_array_equal(out[0, : first + 1], free[0, : first + 1])
   assert (out[0, first + 1 :] == 0).all()
+  # Several end ids (Llama 3's configs list them): either ends a row; finished rows continue with the first.
+  other = int(free[1, 8])
+  both = np.asarray(generate_with_cache(Llama(config), params, prompt, 10, eos_token_id=(eos, other)))
+  np.testing.assert_array_equal(both[0], out[0][: first + 1].tolist() + [eos] * (15 - first))
+  assert both[1, 8] == other and (both[1, 9:] == eos).all()
 
 
 def test_llama3_frequencies_match_transformers():
@@ -333,6 +337,12 @@ def test_config_errors():
     generate_with_cache(model, params, np.ones((1, 4), np.int32), 3, top_p=0.0)
   with pytest.raises(ValueError, match="prompt_mask has shape"):
     generate_with_cache(model, params, np.ones((1, 4), np.int32), 3, prompt_mask=np.ones((1, 5)))
+  with pytest.raises(ValueError, match="left-padded"):
+    generate_with_cache(model, params, np.ones((1, 4), np.int32), 3, prompt_mask=np.array([[1, 1, 1, 0]]))
+  with pytest.raises(ValueError, match=r"0 \(padding\) and 1"):
+    generate_with_cache(model, params, np.ones((1, 4), np.int32), 3, prompt_mask=np.array([[1, 2, 1, 1]]))
+  with pytest.raises(ValueError, match="eos_token_id must be an int"):
+    generate_with_cache(model, params, np.ones((1, 4), np.int32), 3, eos_token_id="</s>")
   with pytest.raises(ValueError, match="model_type must be 'qwen3'"):
     save_hf_llama("/tmp/never", config.replace(qk_norm=True), params)
   flat = traverse_util.flatten_dict(params)

@@ -249,6 +249,8 @@ def test_distillation_from_a_larger_to_a_smaller_llama():
     state, metrics = step(state, t_params, batch)
     kds.append(float(metrics["kd_sum"]) / float(metrics["examples"]))
   assert kds[-1] < 0.8 * kds[0], kds
+  with pytest.raises(ValueError, match="give teacher_model"):
+    make_distill_step(student, None, distill)
   with pytest.raises(ValueError, match="implemented for BERT"):
     causal_lm_distillation_loss(student, teacher, DistillConfig(hidden_weight=1.0))
 

@@ -89,7 +89,9 @@ def test_adapted_forward_and_saved_adapters_match_peft(kind, tmp_path):
 def test_adapters_made_by_peft_load_into_jfast(llama_base, tmp_path):
   folder, config, params = llama_base
   hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
-  lora = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+  lora = peft.LoraConfig(
+    r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"], lora_dropout=0.0
+  )
   model = peft.get_peft_model(hf, lora)
   torch.manual_seed(0)
   with torch.no_grad():
@@ -100,7 +102,7 @@ def test_adapters_made_by_peft_load_into_jfast(llama_base, tmp_path):
   with torch.no_grad():
     ref = model.eval()(torch.tensor(_ids(1))).logits.numpy()
   got, adapted = load_peft(tmp_path, params, config)
-  assert (got.rank, got.alpha, set(got.targets)) == (4, 12.0, {"q_proj", "v_proj", "down_proj"})
+  assert (got.rank, got.alpha, set(got.targets)) == (4, 12.0, {"q_proj", "v_proj", "down_proj", "lm_head"})
   ours = np.asarray(with_lora(Llama(config), got).apply({"params": adapted}, jnp.asarray(_ids(1))))
   assert np.abs(ours - ref).max() <= 1e-5
 
@@ -229,6 +231,28 @@ def test_qlora_on_an_int8_base(llama_base):
   np.testing.assert_allclose(
     np.asarray(Llama(config).apply({"params": match_layout_like(config, merged)}, ids)),
     np.asarray(model.apply({"params": state.params}, ids)),
+    atol=3e-5,
+  )
+
+
+def test_merge_of_a_partly_adapted_int8_base_is_all_float(llama_base):
+  _, config, params = llama_base
+  qparams = quantize(params, layers=PROJECTIONS)
+  lora = LoRAConfig(rank=4, alpha=8.0, targets=("q_proj",))
+  adapted = _randomize_adapters(add_lora(qparams, lora, jax.random.key(9)), seed=9)
+  merged = merge_lora(adapted, lora)
+  flat = traverse_util.flatten_dict(merged)
+  assert not any(k[-1] == "kernel_scale" for k in flat) and all(v.dtype == np.float32 for v in flat.values())
+  ids = jnp.asarray(_ids(9))
+  # The merged model is the dequantized base with the adapters folded in.
+  reference = {**traverse_util.flatten_dict(dequantize(qparams)), **traverse_util.flatten_dict(split_lora(adapted)[1])}
+  np.testing.assert_allclose(
+    np.asarray(Llama(config).apply({"params": match_layout_like(config, merged)}, ids)),
+    np.asarray(
+      with_lora(Llama(config.replace(scan_layers=False)), lora).apply(
+        {"params": traverse_util.unflatten_dict(reference)}, ids
+      )
+    ),
     atol=3e-5,
   )
 

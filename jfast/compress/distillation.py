@@ -378,8 +378,10 @@ def make_distill_step(
     >>> step = make_distill_step(student, teacher, DistillConfig(temperature=2.0, alpha=0.5))  # doctest: +SKIP
     >>> state, metrics = step(state, t_params, batch)  # doctest: +SKIP
   """
-  if isinstance(getattr(student_model, "config", None), BertConfig) or teacher_model is None:
+  if isinstance(getattr(student_model, "config", None), BertConfig):
     loss_fn = distillation_loss(student_model, teacher_model, config, teacher_policy=teacher_policy)
+  elif teacher_model is None:
+    raise ValueError("a causal LM student distils from a teacher run in the step: give teacher_model")
   else:  # a causal LM (Llama, GPT) distils on next-token targets
     loss_fn = causal_lm_distillation_loss(student_model, teacher_model, config, teacher_policy=teacher_policy)
   return make_train_step(

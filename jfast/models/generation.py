@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def filter_logits(logits_BxV: jax.Array, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -58,10 +59,28 @@ def _check(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, r
     raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
   if prompt_mask is None:
     return prompt_BxP, jnp.ones_like(prompt_BxP)
-  mask_BxP = jnp.asarray(prompt_mask, jnp.int32)
-  if mask_BxP.shape != prompt_BxP.shape:
-    raise ValueError(f"prompt_mask has shape {mask_BxP.shape}, prompt_ids {prompt_BxP.shape}")
-  return prompt_BxP, mask_BxP
+  if np.shape(prompt_mask) != prompt_BxP.shape:
+    raise ValueError(f"prompt_mask has shape {np.shape(prompt_mask)}, prompt_ids {prompt_BxP.shape}")
+  if not isinstance(prompt_mask, jax.core.Tracer):
+    mask = np.asarray(prompt_mask)
+    if not np.isin(mask, (0, 1)).all():
+      raise ValueError("prompt_mask must hold 0 (padding) and 1 (real token) only")
+    if (np.diff(mask.astype(np.int64), axis=1) < 0).any() or not mask[:, -1].all():
+      raise ValueError(
+        "prompts must be left-padded (padding first, the last column real in every row): the continuation "
+        "starts after the last column"
+      )
+  return prompt_BxP, jnp.asarray(prompt_mask, jnp.int32)
+
+
+def _end_ids(eos_token_id) -> tuple[int, ...]:
+  """``eos_token_id`` as a tuple of ids (Llama 3's configs name several)."""
+  if eos_token_id is None:
+    return ()
+  ids = (eos_token_id,) if isinstance(eos_token_id, int | np.integer) else tuple(eos_token_id)
+  if not ids or not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in ids):
+    raise ValueError(f"eos_token_id must be an int or a sequence of ints, got {eos_token_id!r}")
+  return tuple(int(i) for i in ids)
 
 
 def generate_with_cache(
@@ -90,8 +109,9 @@ def generate_with_cache(
     top_k: sample among the k most likely tokens only (0: all).
     top_p: sample from the smallest set of most likely tokens whose probability reaches ``top_p`` (1: all).
     rng: a `jax.random.key`, needed when sampling.
-    eos_token_id: a row that produced it continues with ``pad_id`` (as Hugging Face pads finished rows).
-    pad_id: what finished rows continue with (default: ``eos_token_id``).
+    eos_token_id: an id, or several (Llama 3's ``config.eos_token_id``): a row that produced one continues with
+      ``pad_id`` (as Hugging Face pads finished rows).
+    pad_id: what finished rows continue with (default: the first end id).
 
   Returns:
     ``int32[B, P + max_new_tokens]``: prompt and continuation.
@@ -106,10 +126,17 @@ def generate_with_cache(
   if getattr(config, "remat_policy", "none") != "none":
     config = config.replace(remat_policy="none")  # nothing is differentiated: remat would only cost time
   decoder = model.clone(config=config, cache_size=total)
-  pad = eos_token_id if pad_id is None else pad_id
-  select = functools.partial(_select, temperature=temperature, top_k=top_k, top_p=top_p)
-  run = jax.jit(functools.partial(_generate, decoder, total=total, select=select, eos_token_id=eos_token_id, pad=pad))
+  end_ids = _end_ids(eos_token_id)
+  pad = (end_ids[0] if end_ids else None) if pad_id is None else int(pad_id)
+  run = _compiled(decoder, total, float(temperature), int(top_k), float(top_p), end_ids, pad)
   return run(params, prompt_BxP, mask_BxP, jax.random.key(0) if rng is None else rng)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(decoder, total, temperature, top_k, top_p, end_ids, pad):
+  """One jitted generator per model and settings, so repeated calls reuse its compilation."""
+  select = functools.partial(_select, temperature=temperature, top_k=top_k, top_p=top_p)
+  return jax.jit(functools.partial(_generate, decoder, total=total, select=select, end_ids=end_ids, pad=pad))
 
 
 def _select(logits_BxV, rng, *, temperature, top_k, top_p):
@@ -119,7 +146,7 @@ def _select(logits_BxV, rng, *, temperature, top_k, top_p):
   return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _generate(decoder, params, prompt_BxP, mask_BxP, rng, *, total, select, eos_token_id, pad):
+def _generate(decoder, params, prompt_BxP, mask_BxP, rng, *, total, select, end_ids, pad):
   batch, plen = prompt_BxP.shape
   # Left padding: a token's position counts the real tokens before it (padding slots get 1, as in transformers).
   positions_BxP = jnp.where(mask_BxP > 0, jnp.cumsum(mask_BxP, axis=1) - 1, 1)
@@ -129,7 +156,8 @@ def _generate(decoder, params, prompt_BxP, mask_BxP, rng, *, total, select, eos_
   keys = jax.random.split(rng, total - plen)
   first_B = select(logits_BxPxV[:, -1], keys[0])
   buf_BxT = jnp.zeros((batch, total), jnp.int32).at[:, :plen].set(prompt_BxP).at[:, plen].set(first_B)
-  done_B = jnp.zeros((batch,), bool) if eos_token_id is None else first_B == eos_token_id
+  ends = jnp.asarray(end_ids, jnp.int32)
+  done_B = jnp.isin(first_B, ends) if end_ids else jnp.zeros((batch,), bool)
   next_pos_B = jnp.sum(mask_BxP, axis=1).astype(jnp.int32)
 
   def body(t, carry):
@@ -145,9 +173,9 @@ def _generate(decoder, params, prompt_BxP, mask_BxP, rng, *, total, select, eos_
       mutable=["cache"],
     )
     nxt_B = select(logits_Bx1xV[:, 0], keys[t - plen + 1])
-    if eos_token_id is not None:
+    if end_ids:
       nxt_B = jnp.where(done_B, pad, nxt_B)
-      done_B = done_B | (nxt_B == eos_token_id)
+      done_B = done_B | jnp.isin(nxt_B, ends)
     return buf_BxT.at[:, t + 1].set(nxt_B), updated["cache"], done_B
 
   buf_BxT, _, _ = jax.lax.fori_loop(plen, total - 1, body, (buf_BxT, variables["cache"], done_B))

@@ -72,11 +72,17 @@ def _load_shards(folder: Path, index_file: Path) -> dict[str, np.ndarray]:
     weight_map = json.loads(index_file.read_text())["weight_map"]
   except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
     raise ModelFolderError(f"{index_file} is not a safetensors index (no weight_map): {e}") from None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ModelFolderError(f"{index_file}: weight_map must map tensor names to shard file names")
   tensors: dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
+    if Path(shard).name != shard:
+      raise ModelFolderError(f"{index_file} names shard {shard!r}, which is not a file of the folder")
     if not (folder / shard).is_file():
       raise FileNotFoundError(f"{index_file} lists shard {shard}, which {folder} does not hold")
-    tensors.update(_load_safetensors(folder / shard))
+    held = _load_safetensors(folder / shard)
+    # Each tensor from the shard the index names for it.
+    tensors.update({name: value for name, value in held.items() if weight_map.get(name) == shard})
   missing = sorted(name for name in weight_map if name not in tensors)
   if missing:
     raise ModelFolderError(f"{index_file} lists tensors its shards do not hold: {', '.join(missing[:5])}")

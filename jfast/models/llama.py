@@ -299,8 +299,9 @@ class Llama(nn.Module):
   ``attention_mask`` is a valid ``segment_ids``. ``position_ids`` default to ``0..L-1``; packed rows pass positions
   that restart at each document.
 
-  With ``cache_size > 0`` the model decodes: pass ``cache_index`` (the cache slot of the first input token) and
-  ``mutable=["cache"]``; see `jfast.models.generation.generate_with_cache`.
+  With ``cache_size > 0`` the model decodes: pass ``cache_index`` (the cache slot of the first input token; the
+  positions then default to ``cache_index, cache_index + 1, ...``) and ``mutable=["cache"]``; see
+  `jfast.models.generation.generate_with_cache`. A Python int ``cache_index`` is checked against the cache's size.
 
   Example:
     >>> config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -320,13 +321,17 @@ class Llama(nn.Module):
   ):
     cfg = self.config
     batch, length = input_ids.shape
-    if self.cache_size and length > self.cache_size:
-      raise ValueError(f"{length} tokens do not fit a cache of {self.cache_size} positions")
+    if self.cache_size and isinstance(cache_index, int) and not 0 <= cache_index <= self.cache_size - length:
+      raise ValueError(
+        f"{length} tokens written at cache slot {cache_index} do not fit a cache of {self.cache_size} positions"
+      )
     if segment_ids is None:
       segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
     segment_ids_BxL = segment_ids.astype(jnp.int32)
     if position_ids is None:
-      position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
+      # Decoding: the tokens written at cache slots cache_index.. are those positions of the sequence.
+      start = cache_index if self.cache_size else 0
+      position_ids = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
     position_ids_BxL = position_ids.astype(jnp.int32)
 
     embed = nn.Embed(
@@ -355,7 +360,10 @@ class Llama(nn.Module):
 
 
 class LMHead(nn.Module):
-  """The untied output head: ``kernel`` ``[hidden, vocab]``, logits in float32."""
+  """The untied output head: ``kernel`` ``[hidden, vocab]``, logits in float32. LoRA may adapt it (peft's
+  ``lm_head`` target): `jfast.nn.with_lora` adds the adapter term to its output."""
+
+  lora_compatible = True
 
   features: int
   init_std: float

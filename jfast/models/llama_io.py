@@ -126,7 +126,7 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
   if layer_types and model_type != "mistral":
     raise ModelFolderError(f"config.json has layer_types {sorted(layer_types)}: only full_attention layers load")
   try:
-    return LlamaConfig(model_type=model_type, **fields, **overrides)
+    return LlamaConfig(**{"model_type": model_type, **fields, **overrides})
   except (TypeError, ValueError) as e:
     raise ModelFolderError(f"config.json describes a model jfast cannot build: {e}") from None
 

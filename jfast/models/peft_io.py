@@ -56,6 +56,14 @@ def _hf_module(namer, module: tuple[str, ...]) -> str:
     raise ValueError(f"module {'/'.join(module)} has no Hugging Face name; peft cannot hold its adapter") from None
 
 
+def _named(namer, path) -> bool:
+  try:
+    namer(path[:-1])
+  except (KeyError, IndexError):
+    return False
+  return True
+
+
 def save_peft(path: str | Path, lora: LoRAConfig, params, model_config, *, base_model: str | None = None) -> Path:
   """Writes the adapters of ``params`` as a peft LoRA folder.
 
@@ -146,6 +154,10 @@ def load_peft(path: str | Path, params, model_config) -> tuple[LoRAConfig, dict]
     raise ModelFolderError(f"{folder} trains biases or whole modules (bias / modules_to_save): not supported")
   if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
     raise ModelFolderError(f"{folder} sets per-module ranks (rank_pattern / alpha_pattern): not supported")
+  if cfg.get("lora_bias"):
+    raise ModelFolderError(f"{folder} sets lora_bias: biases on the adapters are not supported")
+  if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+    raise ModelFolderError(f"{folder / ADAPTER_CONFIG} has no valid rank r (got {cfg.get('r')!r})")
   namer, _ = _module_namer(model_config)
   tensors = load_file(str(folder / ADAPTER_WEIGHTS))
   tensors = {re.sub(r"\.lora_([AB])\.default\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
@@ -173,6 +185,14 @@ def load_peft(path: str | Path, params, model_config) -> tuple[LoRAConfig, dict]
       continue
     flat[(*module, "lora_a")], flat[(*module, "lora_b")] = a, b
     used |= {key_a, key_b}
+  # peft saves the whole base layer beside adapters on embedding-like layers (lm_head): it must be the base's own.
+  kernels = {_PREFIX + namer(p[:-1]) + ".base_layer.weight": p for p in flat if p[-1] == "kernel" and _named(namer, p)}
+  for key in sorted(k for k in set(tensors) - used if k.endswith(".base_layer.weight")):
+    path = kernels.get(key)
+    if path is not None and np.array_equal(np.asarray(tensors[key], np.float32).T, np.asarray(flat[path], np.float32)):
+      used.add(key)
+    elif path is not None:
+      problems.append(f"{key}: the adapter folder holds its own base weights, which differ from the model's")
   problems += [f"{k}: no module of the base model has this name" for k in sorted(set(tensors) - used)[:10]]
   if problems:
     raise ModelFolderError(f"{folder} does not fit the base model:\n  " + "\n  ".join(problems[:20]))
@@ -182,7 +202,7 @@ def load_peft(path: str | Path, params, model_config) -> tuple[LoRAConfig, dict]
   targets = (targets,) if isinstance(targets, str) else tuple(targets)
   lora = LoRAConfig(
     rank=rank,
-    alpha=float(cfg.get("lora_alpha", rank)),
+    alpha=float(cfg.get("lora_alpha", 8)),  # peft's default
     dropout=float(cfg.get("lora_dropout", 0.0)),
     targets=tuple(sorted({m[-1] for m in (p[:-1] for p in flat if p[-1] == "lora_a")})) or targets,
   )

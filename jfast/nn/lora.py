@@ -1,14 +1,16 @@
 """LoRA: low-rank adapters on chosen projections, chosen by parameter-path patterns, for any Flax Linen model.
 
 An adapted Dense layer computes ``y = x W + b + (alpha / r) * dropout(x) A B`` with ``A: [in, r]`` and
-``B: [r, out]``; ``B`` starts at zero, so an adapted model starts as its base. The adapters are two more leaves
+``B: [r, out]``; ``B`` starts at zero, so an adapted float model starts as its base (an int8 one as its
+weight-only dequantized form: see below). The adapters are two more leaves
 beside the kernel they adapt (``.../q_proj/{kernel, lora_a, lora_b}``; on scanned layers they carry the leading
 layer axis like the kernel), so the parameter tree stays one tree and everything that works on trees (sharding,
 checkpoints, the train step) works on it unchanged:
 
 - `add_lora` inserts the adapters; `LoRAModel` (from `with_lora`) runs a model with them: its ``apply`` wraps the
   model's in ``flax.linen.intercept_methods``, which adds the low-rank term to every Dense layer holding adapters
-  (``nn.Dense``, jfast's CPU `MixedDense`, int8 `QuantDense`, a user's own model's ``nn.Dense``). A model applied
+  (``nn.Dense``, jfast's CPU `MixedDense`, int8 `QuantDense`, a user's own model's ``nn.Dense``, and any layer that
+  sets ``lora_compatible = True``, as the Llama output head does). A model applied
   without the wrapper ignores the adapters, which is why `jfast.models.save_hf_llama` and friends refuse a tree
   that holds them.
 - `lora_mask` freezes everything but the adapters: passed to ``make_train_step(freeze_mask=...)``, only the
@@ -17,8 +19,9 @@ checkpoints, the train step) works on it unchanged:
   `jfast.models.load_peft` write and read the adapters alone in the ``peft`` library's format.
 
 On an int8 base (`jfast.compress.quantize` and ``quantization="int8"``) the adapted layers run QLoRA-style: the
-frozen int8 kernel is dequantized inside the matmul (weight-only, as QLoRA dequantizes its 4-bit weights), so the
-gradient reaches the activations below, while the parameters stay int8 in memory.
+frozen int8 kernel is dequantized inside the matmul (weight-only, as QLoRA dequantizes its 4-bit weights; the int8
+activation quantization of inference, and ``int8-static``'s input scales, do not apply there), so the gradient
+reaches the activations below, while the parameters stay int8 in memory.
 
 Why not a library: ``peft`` is PyTorch-only; qwix's LoRA targets its own quantized ops and parameter names, while
 here the adapters must sit on jfast's scanned stacks and int8 layers and export to the PEFT layout.
@@ -161,8 +164,10 @@ def merge_lora(params, config: LoRAConfig) -> dict:
   """The base tree with ``(alpha / r) A B`` added to each adapted kernel and the adapters removed: a plain model's
   parameters, for export or for inference without the wrapper.
 
-  An int8 kernel (with ``kernel_scale``) is dequantized first: the merged tree is float, for a model with
-  ``quantization="none"``.
+  Every int8 kernel (with ``kernel_scale``), adapted or not, is dequantized: the merged tree is float, for a model
+  with ``quantization="none"``. When every int8 layer carries adapters it computes what the adapted int8 model
+  computes under `with_lora` (whose adapted layers run weight-only); layers without adapters lose their int8
+  activation rounding.
 
   Example:
     >>> merged = merge_lora(state.params, lora_config)  # doctest: +SKIP
@@ -173,15 +178,16 @@ def merge_lora(params, config: LoRAConfig) -> dict:
   if not modules:
     raise ValueError("params hold no LoRA adapters to merge")
   out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
+  # Every int8 layer is dequantized, adapted or not: the merged tree is one float model's.
+  for module in sorted(p[:-1] for p in flat if p[-1] == "kernel_scale"):
+    kernel = jnp.asarray(flat[(*module, "kernel")], jnp.float32)
+    out[(*module, "kernel")] = kernel * jnp.asarray(flat[(*module, "kernel_scale")], jnp.float32)[..., None, :]
+    del out[(*module, "kernel_scale")]
+    out.pop((*module, "input_scale"), None)
   for module in modules:
-    kernel = flat[(*module, "kernel")]
-    if (*module, "kernel_scale") in flat:
-      kernel = jnp.asarray(kernel, jnp.float32) * jnp.asarray(flat[(*module, "kernel_scale")])[..., None, :]
-      del out[(*module, "kernel_scale")]
-      out.pop((*module, "input_scale"), None)
     a, b = jnp.asarray(flat[(*module, "lora_a")]), jnp.asarray(flat[(*module, "lora_b")])
     delta = jnp.einsum("...ir,...ro->...io", a, b, precision=jax.lax.Precision.HIGHEST)
-    out[(*module, "kernel")] = jnp.asarray(kernel, jnp.float32) + config.scaling * delta
+    out[(*module, "kernel")] = jnp.asarray(out[(*module, "kernel")], jnp.float32) + config.scaling * delta
   return traverse_util.unflatten_dict(out)
 
 
@@ -190,7 +196,7 @@ def _adapted_call(config: LoRAConfig, next_fun, args, kwargs, context):
   module = context.module
   if (
     context.method_name != "__call__"
-    or not isinstance(module, DENSE_LAYERS)
+    or not (isinstance(module, DENSE_LAYERS) or getattr(module, "lora_compatible", False))
     or not module.has_variable("params", "lora_a")
   ):
     return next_fun(*args, **kwargs)
