@@ -255,16 +255,17 @@ def test_distillation_from_a_larger_to_a_smaller_llama():
     causal_lm_distillation_loss(student, teacher, DistillConfig(hidden_weight=1.0))
 
 
-def test_bf16_train_step_lowers_for_a_gpu_with_the_fused_kernel_and_one_loop():
-  """The accelerator path: flash attention forward and backward (grouped-query heads repeated for the kernel), no
-  host callbacks, no branches, and the layers in one loop whatever the depth."""
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_bf16_train_step_lowers_for_accelerators_with_the_fused_kernel_and_one_loop(platform):
+  """The accelerator path: flash attention forward and backward (grouped-query heads repeated for the kernel; Triton
+  on GPU, Mosaic on TPU), no host callbacks, no branches, and the layers in one loop whatever the depth."""
   texts = {}
   for layers in (2, 4):
     config = CONFIG.replace(num_hidden_layers=layers, dtype="bfloat16")
     model = Llama(config)
     params = jax.jit(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])()
     state = create_train_state(model, params, make_optimizer(OptimizerConfig(), 10), policy="bf16")
-    step = make_train_step(causal_lm_loss(model), policy="bf16", platform="cuda", donate=False)
+    step = make_train_step(causal_lm_loss(model), policy="bf16", platform=platform, donate=False)
     texts[layers] = step.lower(state, _batch()).as_text()
   calls = {
     n: re.findall(r"custom_call @([\w$.]+)", t) + re.findall(r'call_target_name = "([^"]+)"', t)
@@ -274,5 +275,6 @@ def test_bf16_train_step_lowers_for_a_gpu_with_the_fused_kernel_and_one_loop():
     assert not [c for c in calls[layers] if "callback" in c.lower()]
     assert len(re.findall(r"\bstablehlo\.case\b", text)) == 0
     assert len(re.findall(r"\bstablehlo\.while\b", text)) == 2  # the scanned layers, forward and backward
-  triton = {n: [c for c in cs if "triton" in c] for n, cs in calls.items()}
-  assert len(triton[2]) == len(triton[4]) >= 2  # forward and backward kernels, once each in the loop bodies
+  kernel = "triton" if platform == "cuda" else "tpu_custom_call"
+  fused = {n: [c for c in cs if kernel in c] for n, cs in calls.items()}
+  assert len(fused[2]) == len(fused[4]) >= 2  # forward and backward kernels, once each in the loop bodies
